@@ -2,6 +2,10 @@
 
     captune caption MODEL IMAGE...        caption images with any InternVL2 checkpoint
     captune convert SRC OUT --to hf       original release <-> transformers' native layout
+    captune eval MODEL --data data/coco   the COCO Caption benchmark (BLEU, METEOR, ROUGE-L, CIDEr)
+    captune score RESULTS GT              score any captions file with the official COCO metrics
+    captune train --model M --data D --out OUT [--recipe R] [--key value ...]   LoRA fine-tuning
+    captune data coco|check ...           prepare or validate training data
 
 Each sub-command is a plain typed function; `main` only parses arguments and turns user errors
 (`CaptuneError`) into one line on stderr and exit status 2, without a traceback.
@@ -56,6 +60,68 @@ def convert(src: str, out: str, to: str = "hf", force: bool = False) -> None:
     print(f"wrote {out} ({'transformers native' if to == 'hf' else 'original InternVL2'} layout)")
 
 
+def data_coco(karpathy: str, images: str, out: str) -> None:
+    """Write coco_karpathy_train_567k.jsonl, coco_karpathy_test.json and coco_karpathy_test_gt.json."""
+    from .traindata import data_coco_command
+
+    data_coco_command(karpathy, images, out)
+
+
+def data_check(data: str, model: str | None = None, max_tiles: int = 6, max_seq_length: int = 4096,
+               workers: int | None = None, image_root: str | None = None) -> None:
+    """Count missing or unreadable images, malformed lines, empty captions, over-long samples."""
+    from .traindata import data_check_command
+
+    problems = data_check_command(data, model=model, max_tiles=max_tiles, max_seq_length=max_seq_length,
+                                  workers=workers, image_root=image_root)
+    if problems:
+        raise SystemExit(1)
+
+
+def evaluate(model: str, data: str | None = None, test_json: str | None = None, gt_json: str | None = None,
+             image_root: str | None = None, out: str | None = None, max_tiles: int = 6,
+             batch_size: int | None = None, limit: int | None = None, device: str = "auto", dtype: str = "auto",
+             spice: bool = False, num_workers: int | None = None, force: bool = False) -> dict | None:
+    """Caption the test set, score it, write results.json, metrics.json and report.html."""
+    from .evaluate import evaluate as run
+
+    return run(model, data, test_json, gt_json, image_root, out, max_tiles, batch_size, limit, device, dtype, spice,
+               num_workers, force=force)
+
+
+def score(results: str, gt: str, spice: bool = False, out: str | None = None) -> dict:
+    """Score a COCO results file with the official scorers (as the tutorial's evaluation)."""
+    from .scoring import score_command
+
+    return score_command(results, gt, spice=spice, out=out)
+
+
+def train(recipe: str | None, overrides: dict[str, str]) -> Path:
+    """LoRA fine-tuning; the resolved configuration is written to OUT/captune.yaml before training starts."""
+    from . import config
+    from .train import train as run
+
+    return run(config.resolve(recipe, overrides))
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One option per field of TrainConfig: `--lora-rank 64`, `--gradient-checkpointing false`, ..."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    p.add_argument("--recipe", default=None, help="a shipped recipe name or a YAML file (default internvl2_2b_coco_lora)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "recipe":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.type in ("bool", bool) or f.name == "resume":
+            p.add_argument(flag, nargs="?", const="true", default=None, metavar="BOOL", help=f"(default {default})")
+        else:
+            p.add_argument(flag, default=None, metavar=f.name.split("_")[-1].upper(), help=f"(default {default})")
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", default=None, help="default: the tutorial's caption question")
     p.add_argument("--max-tiles", type=int, default=6, help="dynamic tiling: at most this many 448px tiles (+ thumbnail)")
@@ -76,6 +142,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(p)
     p.set_defaults(func=lambda a: caption(a.model, a.images, a.question, a.max_tiles, a.max_new_tokens,
                                           a.min_new_tokens, a.batch_size, a.device, a.dtype))
+
+    p = sub.add_parser("eval", help="COCO Caption benchmark: caption the test set and score it")
+    p.add_argument("model", help="a checkpoint folder (original or native layout)")
+    p.add_argument("--data", help="the tutorial's data/coco folder (annotations/coco_karpathy_test*.json)")
+    p.add_argument("--test-json", help="the test image list (COCO Karpathy list, or Flickr30k/NoCaps json)")
+    p.add_argument("--gt-json", help="the reference captions in COCO format (default: --test-json)")
+    p.add_argument("--image-root", help="folder the image paths are relative to")
+    p.add_argument("--out", help="output folder (default runs/eval-MODELNAME); re-running resumes")
+    p.add_argument("--max-tiles", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64 on GPU, 4 on CPU)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default min(8, CPUs))")
+    p.add_argument("--spice", action="store_true", help="also SPICE (downloads Stanford CoreNLP on first use)")
+    p.add_argument("--force", action="store_true", help="discard captions already in --out and start again")
+    p.set_defaults(func=lambda a: evaluate(a.model, a.data, a.test_json, a.gt_json, a.image_root, a.out, a.max_tiles,
+                                           a.batch_size, a.limit, a.device, a.dtype, a.spice, a.num_workers,
+                                           force=a.force))
+
+    p = sub.add_parser("score", help="score a COCO results file against COCO-format references")
+    p.add_argument("results", help="[{\"image_id\": ..., \"caption\": ...}, ...]")
+    p.add_argument("gt", help="COCO captions format: images + annotations")
+    p.add_argument("--spice", action="store_true")
+    p.add_argument("--out", help="write the metrics to this JSON file")
+    p.set_defaults(func=lambda a: score(a.results, a.gt, a.spice, a.out))
+
+    p = sub.add_parser("train", help="LoRA fine-tuning with a recipe (also under torchrun)")
+    _add_train_options(p)
+    p.set_defaults(func=lambda a: train(a.recipe, {k: v for k, v in vars(a).items()
+                                                   if v is not None and k not in ("recipe", "func", "command")}))
+
+    p = sub.add_parser("data", help="prepare or check training data")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    q = data_sub.add_parser("coco", help="write the tutorial's annotation files from Karpathy's dataset_coco.json")
+    q.add_argument("--karpathy", required=True, help="Karpathy's dataset_coco.json")
+    q.add_argument("--images", required=True, help="the COCO images folder (with train2014/ and val2014/)")
+    q.add_argument("--out", required=True, help="where to write the annotation files")
+    q.set_defaults(func=lambda a: data_coco(a.karpathy, a.images, a.out))
+    q = data_sub.add_parser("check", help="validate a training set before hours of training")
+    q.add_argument("data", help="a data folder, InternVL meta json, jsonl, COCO captions json or dataset_coco.json")
+    q.add_argument("--model", help="a checkpoint folder, to check sample lengths with its tokenizer")
+    q.add_argument("--max-tiles", type=int, default=6)
+    q.add_argument("--max-seq-length", type=int, default=4096)
+    q.add_argument("--workers", type=int, default=None)
+    q.add_argument("--image-root", default=None)
+    q.set_defaults(func=lambda a: data_check(a.data, a.model, a.max_tiles, a.max_seq_length, a.workers, a.image_root))
 
     p = sub.add_parser("convert", help="convert a checkpoint between the original and the native layout")
     p.add_argument("src")

@@ -496,7 +496,7 @@ def _convert_to_hf(ckpt: Checkpoint, tmp: Path) -> None:
     if tokenizer is not None:
         from .tokenizer import image_token_ids
 
-        image_token_id = image_token_ids(tokenizer)["context"]
+        image_token_id = image_token_ids(tokenizer)["<IMG_CONTEXT>"]
     tie = not _lm_head_in(ckpt)
     if tie and not cfg["llm_config"].get("tie_word_embeddings", False):
         raise CaptuneError("the checkpoint has no lm_head / output weight and the LLM does not tie embeddings", ckpt.path)

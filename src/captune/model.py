@@ -64,7 +64,7 @@ def load(
 
         tokenizer = load_tokenizer(ckpt.path)
         if image_token_id is None:
-            image_token_id = image_token_ids(tokenizer)["context"]
+            image_token_id = image_token_ids(tokenizer)["<IMG_CONTEXT>"]
 
     if ckpt.layout == "internvl":
         model = _load_original(ckpt, dtype, device, attn_implementation, image_token_id)

@@ -50,11 +50,15 @@ def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
 
 def image_token_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> dict[str, int]:
     """Ids of `<img>`, `</img>` and `<IMG_CONTEXT>`, keyed by the token string."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in IMAGE_TOKENS if t not in vocab]
-    if missing:
-        raise CaptuneError(f"the tokenizer lacks InternVL's image tokens {missing}; is this an InternVL2 tokenizer?")
-    return {t: vocab[t] for t in IMAGE_TOKENS}
+    return {token: token_id(tokenizer, token) for token in IMAGE_TOKENS}
+
+
+def token_id(tokenizer: transformers.PreTrainedTokenizerBase, token: str) -> int:
+    """The id of the single token `token`; CaptuneError if the vocabulary lacks it."""
+    found = tokenizer.convert_tokens_to_ids(token)  # unknown strings give the unk id (or None)
+    if found is None or tokenizer.convert_ids_to_tokens(found) != token:
+        raise CaptuneError(f"the tokenizer has no token {token!r}; is it an InternVL2 tokenizer?")
+    return found
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -75,13 +79,14 @@ def _is_internlm2(folder: Path, config: dict[str, Any]) -> bool:
         return False
     auto_map = config.get("auto_map") or {}
     targets = json.dumps(auto_map) if isinstance(auto_map, (dict, list)) else str(auto_map)
-    return str(config.get("tokenizer_class", "")).startswith("InternLM2Tokenizer") or "tokenization_internlm2" in targets
+    named = str(config.get("tokenizer_class", "")).startswith("InternLM2Tokenizer")
+    return named or "tokenization_internlm2" in targets
 
 
 def _internlm2_tokenizer(folder: Path, config: dict[str, Any]) -> transformers.PreTrainedTokenizerFast:
     proto = _read_proto(folder / "tokenizer.model")
     added = _added_tokens(config, folder)
-    backend = build_sentencepiece_bpe(proto, added)
+    backend = _sentencepiece_bpe(proto, added, folder / "tokenizer.model")
 
     bos = _token_str(config.get("bos_token", "<s>"))
     eos = _token_str(config.get("eos_token", "</s>"))
@@ -141,7 +146,8 @@ def _added_tokens(config: dict[str, Any], folder: Path) -> dict[int, AddedToken]
                 lstrip=bool(flags.get("lstrip", False)), rstrip=bool(flags.get("rstrip", False)),
                 single_word=bool(flags.get("single_word", False)))
         except (KeyError, TypeError, ValueError):
-            raise CaptuneError(f"malformed added_tokens_decoder entry {key!r}", folder / "tokenizer_config.json") from None
+            file = folder / "tokenizer_config.json"
+            raise CaptuneError(f"malformed added_tokens_decoder entry {key!r}", file) from None
     return added
 
 
@@ -151,7 +157,7 @@ def _token_str(token: Any) -> str | None:
     return token
 
 
-def build_sentencepiece_bpe(proto: Any, added: dict[int, AddedToken]) -> Tokenizer:
+def _sentencepiece_bpe(proto: Any, added: dict[int, AddedToken], source: Path) -> Tokenizer:
     """A `tokenizers.Tokenizer` that segments exactly like SentencePiece's BPE model `proto`.
 
     `added` ({id: AddedToken}) names tokens by id: an id inside the proto renames that piece (InternLM2's
@@ -169,7 +175,7 @@ def build_sentencepiece_bpe(proto: Any, added: dict[int, AddedToken]) -> Tokeniz
         unsupported.append("add_dummy_prefix/remove_extra_whitespaces/treat_whitespace_as_suffix")
     if unsupported:
         raise CaptuneError("captune reproduces InternLM2's SentencePiece settings only; this model has "
-                           + ", ".join(unsupported))
+                           + ", ".join(unsupported), source)
 
     pieces = proto.pieces
     vocab = {}
@@ -179,7 +185,7 @@ def build_sentencepiece_bpe(proto: Any, added: dict[int, AddedToken]) -> Tokeniz
         if i >= len(pieces):
             vocab[added[i].content] = i
     if len(vocab) != len(pieces) + sum(i >= len(pieces) for i in added):
-        raise CaptuneError("added_tokens_decoder gives one token string two ids")
+        raise CaptuneError("tokenizer_config.json's added_tokens_decoder gives one token string two ids", source)
 
     # SentencePiece merges, at each step, the adjacent pair whose concatenation is the highest-scored piece.
     normal = {p.piece for p in pieces if p.type == _NORMAL}
@@ -192,7 +198,7 @@ def build_sentencepiece_bpe(proto: Any, added: dict[int, AddedToken]) -> Tokeniz
     ranked.sort()
     merges = [(left, right) for _, _, left, right in ranked]
 
-    unk = pieces[trainer.unk_id].piece if 0 <= trainer.unk_id < len(pieces) else None
+    unk = next((name for name, i in vocab.items() if i == trainer.unk_id), None)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk,
                                      byte_fallback=trainer.byte_fallback, fuse_unk=True))
     if spec.escape_whitespaces:
@@ -207,5 +213,5 @@ def build_sentencepiece_bpe(proto: Any, added: dict[int, AddedToken]) -> Tokeniz
                           for i, p in enumerate(pieces) if p.type == _USER_DEFINED and i not in added])
     for i, token in added.items():
         if tokenizer.token_to_id(token.content) != i:
-            raise CaptuneError(f"added token {token.content!r} could not keep its id {i}")
+            raise CaptuneError(f"added token {token.content!r} could not keep its id {i}", source)
     return tokenizer

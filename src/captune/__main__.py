@@ -1,0 +1,7 @@
+"""`python -m captune ...`, also under `torchrun --nproc-per-node N -m captune ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

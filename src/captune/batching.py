@@ -1,0 +1,110 @@
+"""Training batches: tokenized (image, conversation) samples, the order they are seen in, and how they are
+collated into micro-batches.
+
+A micro-batch is a `TrainBatch`; the loop only needs its tensors, its `targets` (the token each position must
+predict, -100 where none) and its counts, so other layouts (several captions sharing one image prefix, see
+`packing.py`) plug in by producing the same structure.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .errors import CaptuneError
+from .templates import IGNORE_INDEX, encode_conversation
+from .tiling import load_image
+from .traindata import Sample
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T]: the id predicted at each position (labels shifted left), -100 = no loss
+    attention_mask: Any  # [B, T] padding mask, or a [B, 1, T, T] / BlockMask mask for shared prefixes
+    position_ids: torch.Tensor  # [B, T]
+    pixel_values: torch.Tensor  # [tiles, 3, S, S]
+    num_captions: int
+    num_tokens: int  # supervised positions
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> TrainBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+            elif hasattr(v, "to") and not isinstance(v, int):
+                v = v.to(device)
+            moved[f.name] = v
+        return TrainBatch(**moved)
+
+
+class CaptionTrainDataset(Dataset):
+    """One tokenized training sample per item; an image that fails to load becomes an error item, never a crash."""
+
+    def __init__(self, samples: list[Sample], processor, max_tiles: int, max_seq_length: int):
+        self.samples, self.processor = samples, processor
+        self.max_tiles, self.max_seq_length = max_tiles, max_seq_length
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.samples[i]
+        try:
+            pixel_values = self.processor.tile(load_image(sample.image), self.max_tiles)
+        except CaptuneError as e:
+            return {"error": str(e), "index": i}
+        n_image_tokens = pixel_values.shape[0] * self.processor.tokens_per_tile
+        encoded = encode_conversation(self.processor.tokenizer, list(sample.conversations), n_image_tokens,
+                                      self.processor.template)
+        if len(encoded["input_ids"]) > self.max_seq_length:
+            return {"error": f"{sample.image}: {len(encoded['input_ids'])} tokens > max_seq_length", "index": i}
+        return {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "pixel_values": pixel_values,
+                "image": str(sample.image), "index": i}
+
+
+def shift_labels(labels: list[int]) -> list[int]:
+    """Position t predicts token t+1: the targets are the labels moved one to the left."""
+    return labels[1:] + [IGNORE_INDEX]
+
+
+def collate_separate(items: list[dict], pad_token_id: int) -> TrainBatch | None:
+    """One caption per row, right-padded (the tutorial's layout)."""
+    items = [it for it in items if "error" not in it]
+    if not items:
+        return None
+    length = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[row, :n] = torch.tensor(it["input_ids"])
+        targets[row, :n] = torch.tensor(shift_labels(it["labels"]))
+        mask[row, :n] = 1
+    position_ids = torch.arange(length).expand(len(items), length).clone()
+    return TrainBatch(
+        input_ids=input_ids, targets=targets, attention_mask=mask, position_ids=position_ids,
+        pixel_values=torch.cat([it["pixel_values"] for it in items]),
+        num_captions=len(items), num_tokens=int((targets != IGNORE_INDEX).sum()),
+    )
+
+
+def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[int]:
+    """A shuffled order of sample indices; with `group_by_length`, each run of 50 micro-batches is sorted by
+    length (longest first) so a micro-batch holds samples of similar length, as HF Trainer's grouping does."""
+    rng = random.Random(seed + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return order
+    mega = batch_size * 50
+    grouped: list[int] = []
+    for start in range(0, len(order), mega):
+        grouped += sorted(order[start : start + mega], key=lambda i: -lengths[i])
+    return grouped

@@ -1,0 +1,72 @@
+"""LoRA adapters (PEFT) on the native InternVL model, as the tutorial's `wrap_llm_lora` does on the original.
+
+The original puts LoRA on InternLM2's fused `wqkv`; the native model has separate q/k/v projections, so the
+same rank adds a little more: 138,412,032 trainable parameters for InternVL2-2B at rank 128 instead of the
+tutorial's 125,829,120 (q, k and v each get their own A matrix).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+
+from .errors import CaptuneError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LLM_PREFIX = "model.language_model."
+VISION_PREFIX = "model.vision_tower."
+PROJECTOR = "model.multi_modal_projector"
+
+
+def linear_layer_names(model: nn.Module, prefix: str) -> list[str]:
+    """Every nn.Linear under `prefix` (the LLM's attention and MLP projections; the vision tower's)."""
+    return [name for name, m in model.named_modules() if name.startswith(prefix) and isinstance(m, nn.Linear)]
+
+
+def add_lora(model: nn.Module, rank: int, alpha: int, dropout: float, vision: bool = False,
+             train_projector: bool = False):
+    """Freeze everything, then wrap with PEFT LoRA on every linear layer of the LLM (and the vision tower)."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = linear_layer_names(model, LLM_PREFIX)
+    if vision:
+        targets += linear_layer_names(model, VISION_PREFIX)
+    # An exact-match regex: PEFT matches a string target_modules with re.fullmatch.
+    pattern = "|".join(re.escape(t) for t in targets)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=pattern,
+        modules_to_save=[PROJECTOR] if train_projector else None,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_path(path: str | Path) -> Path:
+    """The base model an adapter was trained on (recorded by `captune train` in adapter_config.json)."""
+    from .fileio import read_json
+
+    config = read_json(Path(path) / ADAPTER_CONFIG)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise CaptuneError("adapter_config.json does not name its base model (base_model_name_or_path); pass --base",
+                           path)
+    return Path(base)

@@ -1,0 +1,461 @@
+"""`captune train`: LoRA fine-tuning with the tutorial's recipe, from one CPU to many GPUs, resumable.
+
+    captune train --model data/InternVL2-2B --data data/coco --out runs/coco-lora
+    torchrun --nproc-per-node 8 -m captune train --model data/InternVL2-2B --data data/coco --out runs/coco-lora
+
+One optimizer step sees `global_batch_size` captions: `per_device_batch_size` per micro-batch and process,
+accumulated over `global / (per_device x processes)` micro-batches. The loss of a step is the mean
+cross-entropy over all of its supervised tokens (every process, every micro-batch), so it does not depend on
+how the captions are split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import config as cfg
+from . import distributed
+from .batching import CaptionTrainDataset, TrainBatch, collate_separate, epoch_order
+from .checkpointing import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from .errors import CaptuneError
+from .runlog import RunLog
+from .templates import IGNORE_INDEX
+
+
+class CaptionLoss(nn.Module):
+    """The training objective as one module, so DDP and FSDP see a single forward.
+
+    Returns the summed cross-entropy of the batch's supervised positions. With `full_logits=False` only those
+    positions go through the LM head, in chunks: full-vocabulary logits for ~1,800 image tokens are never made.
+    """
+
+    def __init__(self, model: nn.Module, full_logits: bool = False, chunk: int = 1024):
+        super().__init__()
+        self.model = model  # the PEFT-wrapped InternVLForConditionalGeneration
+        self.full_logits = full_logits
+        self.chunk = chunk
+
+    @property
+    def net(self):
+        return self.model.base_model.model if hasattr(self.model, "base_model") else self.model
+
+    def forward(self, input_ids, targets, attention_mask, position_ids, pixel_values) -> torch.Tensor:
+        net = self.net
+        hidden = net.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # [B, T, D]
+        if self.full_logits:
+            logits = net.lm_head(hidden).float()  # [B, T, V]
+            return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
+                                               ignore_index=IGNORE_INDEX)
+        keep = targets != IGNORE_INDEX
+        h, y = hidden[keep], targets[keep]  # [N, D], [N]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], self.chunk):
+            logits = net.lm_head(h[start : start + self.chunk]).float()  # [n, V]
+            total = total + nn.functional.cross_entropy(logits, y[start : start + self.chunk], reduction="sum")
+        return total
+
+
+def micro_batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+
+
+class Schedule:
+    """Which micro-batches each process reads at each optimizer step, for any number of epochs."""
+
+    def __init__(self, lengths: list[int], config: cfg.TrainConfig, world_size: int):
+        self.lengths, self.config, self.world = lengths, config, world_size
+        per_step = config.per_device_batch_size * world_size
+        if config.global_batch_size % per_step:
+            raise CaptuneError(f"--global-batch-size {config.global_batch_size} is not a multiple of "
+                               f"--per-device-batch-size x processes = {per_step}")
+        self.accumulation = config.global_batch_size // per_step
+        self.steps_per_epoch = len(lengths) // config.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise CaptuneError(f"only {len(lengths)} training captions: fewer than one global batch "
+                               f"({config.global_batch_size}); lower --global-batch-size")
+        total = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * self.steps_per_epoch)
+        self.total_steps = total
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epoch_cache:
+            order = epoch_order(self.lengths, self.config.per_device_batch_size, self.config.seed, epoch,
+                                self.config.group_by_length)
+            self._epoch_cache = {epoch: micro_batches(order, self.config.per_device_batch_size)}
+        return self._epoch_cache[epoch]
+
+    def for_rank(self, rank: int, start_step: int):
+        """This process's micro-batches from `start_step` on, in the order the loop consumes them."""
+        for step in range(start_step, self.total_steps):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            batches = self.epoch_batches(epoch)
+            first = k * self.accumulation * self.world
+            for a in range(self.accumulation):
+                yield batches[first + a * self.world + rank]
+
+
+class _Collate:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items):
+        return collate_separate(items, self.pad_token_id), [it for it in items if "error" in it]
+
+
+def _sample_lengths(samples, processor, max_tiles: int) -> list[int]:
+    """Approximate token lengths for grouping: image tokens from the image header, plus the caption's characters."""
+    from PIL import Image
+
+    from .tiling import tile_grid
+
+    tiles: dict[str, int] = {}
+    lengths = []
+    for s in samples:
+        key = str(s.image)
+        if key not in tiles:
+            try:
+                with Image.open(s.image) as im:
+                    c, r = tile_grid(*im.size, max_tiles=max_tiles, tile_size=processor.tile_size)
+                tiles[key] = c * r + (1 if processor.thumbnail and c * r > 1 else 0)
+            except Exception:
+                tiles[key] = 1
+        lengths.append(tiles[key] * processor.tokens_per_tile + len(s.caption) // 4)
+    return lengths
+
+
+def load_training_samples(config: cfg.TrainConfig, processor, log: RunLog):
+    """Read the data, check every image header up front and drop bad samples (counted in the log)."""
+    from .traindata import check_samples, format_problems, read_training_data
+
+    report = read_training_data(config.data)
+    checked = check_samples(report.samples, decode_images=False, max_tiles=config.max_tiles,
+                            tile_size=processor.tile_size, progress=log.enabled)
+    for problems in (report.problems, checked.problems):
+        summary = format_problems(problems)
+        if summary:
+            log.info(f"skipping bad training samples: {summary}")
+    if not checked.samples:
+        raise CaptuneError("no usable training samples", config.data)
+    return checked.samples
+
+
+def _trainable_to_float32(model: nn.Module) -> None:
+    # Trainable weights stay in float32 (the master copy); bf16 compute comes from autocast.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _wrap(loss_module: CaptionLoss, ctx: distributed.Context, config: cfg.TrainConfig, dtype: torch.dtype) -> nn.Module:
+    if not ctx.distributed:
+        return loss_module
+    if config.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # The model is held in float32 (sharded, so affordable); layers compute in the run's dtype.
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        net = loss_module.net
+        for layer in list(net.model.language_model.layers) + list(net.model.vision_tower.encoder.layer):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(loss_module, mp_policy=policy)
+        return loss_module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(loss_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def _optimizer(model: nn.Module, config: cfg.TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas), eps=config.adam_eps)
+
+
+def _scheduler(optimizer, config: cfg.TrainConfig, total_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
+
+    warmup = math.ceil(total_steps * config.warmup_ratio)
+    if config.lr_scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    if config.lr_scheduler == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def _adapter_state(model: nn.Module, ctx: distributed.Context, config: cfg.TrainConfig) -> dict:
+    from peft import get_peft_model_state_dict
+
+    if config.fsdp and ctx.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        prefix = "model."
+        return get_peft_model_state_dict(model.model, state_dict={k.removeprefix(prefix): v for k, v in full.items()})
+    return get_peft_model_state_dict(model.model)
+
+
+def save_checkpoint(out: Path, step: int, loss_module: nn.Module, wrapped: nn.Module, optimizer, scheduler,
+                    ctx: distributed.Context, config: cfg.TrainConfig, extra: dict, name: str | None = None) -> None:
+    from safetensors.torch import save_file
+
+    adapter = _adapter_state(loss_module, ctx, config)
+    if config.fsdp and ctx.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opt_state = get_optimizer_state_dict(wrapped, optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        opt_state = optimizer.state_dict()
+    rngs = [None] * ctx.world_size
+    if ctx.distributed:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if not ctx.is_main:
+        return
+    peft_model = loss_module.model
+
+    def write_adapter(folder: Path) -> None:
+        peft_model.peft_config["default"].base_model_name_or_path = str(Path(config.model).resolve())
+        peft_model.peft_config["default"].save_pretrained(str(folder))
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()},
+                  str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rngs, **extra}
+    write_checkpoint(out, name or checkpoint_name(step), write_adapter, state, out / cfg.RUN_CONFIG)
+    if name is None:
+        prune_checkpoints(out, config.keep_checkpoints)
+
+
+def _restore(path: Path, loss_module: CaptionLoss, wrapped, optimizer, scheduler, ctx, config) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    set_peft_model_state_dict(loss_module.model, load_file(path / "adapter_model.safetensors"))
+    if config.fsdp and ctx.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rngs = state["rng"]
+    set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) and rngs[ctx.rank] is not None else rngs[0])
+    return state
+
+
+def _prepare_out(config: cfg.TrainConfig, ctx: distributed.Context) -> Path | None:
+    """Decide between a new run and a resumed one; write captune.yaml. Returns the checkpoint to resume from."""
+    out = Path(config.out)
+    resume_from = latest_checkpoint(out) if config.resume != "false" else None
+    if config.resume == "true" and resume_from is None:
+        raise CaptuneError("--resume true, but there is no complete checkpoint to resume from", out)
+    if resume_from is None and config.resume == "auto" and list_checkpoints(out) == [] and (out / "log.jsonl").exists():
+        pass  # a run that died before its first checkpoint starts again
+    if resume_from is not None and (out / cfg.RUN_CONFIG).is_file():
+        before = cfg.load_run_config(out)
+        for key in ("model", "data", "lora_rank", "global_batch_size", "per_device_batch_size", "seed", "share_prefix"):
+            if getattr(before, key) != getattr(config, key):
+                raise CaptuneError(f"holds a run with {key}={getattr(before, key)!r}, not {getattr(config, key)!r}; "
+                                   "use another --out, or --resume false to start again", out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(config, out)
+    return resume_from
+
+
+def _truncate_log(out: Path, step: int) -> None:
+    """A resumed run rewrites what the interrupted one logged after its last checkpoint."""
+    import json
+
+    path = out / "log.jsonl"
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+
+
+def train(config: cfg.TrainConfig) -> Path:
+    """Run (or resume) a LoRA fine-tuning; return the folder of the final adapter."""
+    from tqdm import tqdm
+
+    from .lora import add_lora, count_parameters
+    from .model import load, resolve_dtype
+
+    ctx = distributed.init(config.device)
+    try:
+        torch_dtype = resolve_dtype(None if config.dtype == "auto" else config.dtype, ctx.device)
+        resume_from = _prepare_out(config, ctx)
+        out = Path(config.out)
+        log = RunLog(out, enabled=ctx.is_main)
+        log.info(f"training {config.model} on {config.data} -> {out}" + (f" ({ctx.world_size} processes)" if ctx.distributed else ""))
+        torch.manual_seed(config.seed + ctx.rank)
+
+        sharded = config.fsdp and ctx.distributed
+        model, processor = load(config.model, dtype=torch.float32 if sharded else torch_dtype,
+                                device="cpu" if sharded else ctx.device)
+        if processor is None:
+            raise CaptuneError("has no tokenizer files; cannot train", config.model)
+        model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_vision,
+                         config.train_projector)
+        _trainable_to_float32(model)
+        trainable, total = count_parameters(model)
+        log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        if config.gradient_checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+
+        if config.eval_every > 0:
+            from .evalset import resolve_eval_set
+
+            resolve_eval_set(config.eval_data or config.data, limit=1)  # fail now, not hours into the run
+        samples = load_training_samples(config, processor, log)
+        schedule = Schedule(_sample_lengths(samples, processor, config.max_tiles), config, ctx.world_size)
+        log.info(f"{len(samples):,} captions, {schedule.steps_per_epoch:,} steps per epoch, {schedule.total_steps:,} "
+                 f"steps, gradient accumulation {schedule.accumulation}")
+
+        loss_module = CaptionLoss(model)
+        wrapped = _wrap(loss_module, ctx, config, torch_dtype)
+        optimizer = _optimizer(wrapped, config)
+        scheduler = _scheduler(optimizer, config, schedule.total_steps)
+        start_step, best = 0, {"cider": -1.0}
+        if resume_from is not None:
+            state = _restore(resume_from, loss_module, wrapped, optimizer, scheduler, ctx, config)
+            start_step, best = state["step"], state.get("best", best)
+            log.info(f"resumed from {resume_from} at step {start_step}")
+            if ctx.is_main:
+                _truncate_log(out, start_step)
+
+        dataset = CaptionTrainDataset(samples, processor, config.max_tiles, config.max_seq_length)
+        loader = DataLoader(dataset, batch_sampler=list(schedule.for_rank(ctx.rank, start_step)),
+                            num_workers=config.num_workers, collate_fn=_Collate(processor.pad_token_id),
+                            pin_memory=ctx.device.type == "cuda",
+                            prefetch_factor=4 if config.num_workers > 0 else None)
+        batches = iter(loader)
+        autocast = (torch.autocast(device_type=ctx.device.type, dtype=torch_dtype)
+                    if torch_dtype != torch.float32 and not sharded else nullcontext())
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+
+        bar = tqdm(total=schedule.total_steps, initial=start_step, desc="training", unit="step",
+                   disable=not ctx.is_main, dynamic_ncols=True)
+        skipped_total = 0
+        for step in range(start_step, schedule.total_steps):
+            t0 = time.perf_counter()
+            micro: list[TrainBatch] = []
+            for _ in range(schedule.accumulation):
+                batch, errors = next(batches)
+                skipped_total += len(errors)
+                for e in errors:
+                    log.info(f"skipped a sample: {e['error']}")
+                if batch is not None:
+                    micro.append(batch)
+            counts = torch.tensor([sum(b.num_tokens for b in micro), sum(b.num_captions for b in micro),
+                                   sum(b.input_ids.numel() for b in micro)], dtype=torch.float64, device=ctx.device)
+            if ctx.distributed:
+                dist.all_reduce(counts)
+            n_tokens = max(counts[0].item(), 1.0)
+            loss_total = torch.zeros((), device=ctx.device)
+            for i, batch in enumerate(micro):
+                batch = batch.to(ctx.device, torch_dtype)
+                sync = i == len(micro) - 1 or not ctx.distributed or config.fsdp
+                with (wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else nullcontext()), autocast:
+                    loss_sum = wrapped(batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids,
+                                       batch.pixel_values)
+                # DDP averages gradients over processes; scale so the result is the mean over all tokens.
+                (loss_sum * ctx.world_size / n_tokens).backward()
+                loss_total += loss_sum.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
+                                                       config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ctx.distributed:
+                dist.all_reduce(loss_total)
+            loss = loss_total.item() / n_tokens
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if done % config.log_every == 0 or done == schedule.total_steps:
+                record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "samples_per_s": counts[1].item() / elapsed, "tokens_per_s": counts[2].item() / elapsed,
+                          "skipped": skipped_total}
+                if ctx.device.type == "cuda":
+                    record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                log.scalars(done, record)
+            if config.eval_every > 0 and done % config.eval_every == 0:
+                best = _evaluate_during_training(done, loss_module, wrapped, optimizer, scheduler, processor, ctx,
+                                                 config, log, best)
+            if done % config.save_every == 0 or done == schedule.total_steps:
+                save_checkpoint(out, done, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
+        bar.close()
+        if ctx.device.type == "cuda":
+            log.info(f"peak GPU memory {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GB")
+        final = latest_checkpoint(out)
+        log.info(f"done: adapter in {final}")
+        log.close()
+        return final
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _evaluate_during_training(step, loss_module, wrapped, optimizer, scheduler, processor, ctx, config, log, best):
+    """Caption `eval_limit` test images with the current weights, log BLEU-4/METEOR/CIDEr, keep the best."""
+    import tempfile
+
+    from .evalset import resolve_eval_set
+    from .evaluate import CaptionLog, EvalSettings, generate_captions
+    from .scoring import score_captions
+
+    improved = False
+    if ctx.is_main:
+        evalset = resolve_eval_set(config.eval_data or config.data, limit=config.eval_limit)
+        net = loss_module.net
+        net.eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            caption_log = CaptionLog(Path(tmp), 0, False)
+            settings = EvalSettings(model=config.model, test_json=str(evalset.gt_path), max_tiles=config.max_tiles)
+            generate_captions(net, processor, evalset.images, caption_log, settings, batch_size=8, num_workers=0,
+                              progress=False)
+            caption_log.close()
+            from .evaluate import read_jsonl
+
+            results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in read_jsonl(caption_log.captions_path)]
+        net.train()
+        metrics = score_captions(results, evalset.gt_path).metrics
+        log.scalars(step, {k: v for k, v in metrics.items() if k in ("Bleu_4", "METEOR", "CIDEr")}, prefix="eval")
+        log.info(f"step {step}: BLEU-4 {metrics['Bleu_4']:.3f} METEOR {metrics['METEOR']:.3f} CIDEr {metrics['CIDEr']:.3f}")
+        improved = metrics["CIDEr"] > best["cider"]
+        if improved:
+            best = {"cider": metrics["CIDEr"], "step": step}
+    if ctx.distributed:
+        box = [best, improved]
+        dist.broadcast_object_list(box)
+        best, improved = box
+    if improved:
+        save_checkpoint(Path(config.out), step, loss_module, wrapped, optimizer, scheduler, ctx, config,
+                        {"best": best}, name="best")
+    return best

@@ -1,0 +1,676 @@
+"""Caption training data: read it in any of the usual COCO forms, check it before training, write the tutorial's files.
+
+InternVL's COCO Caption tutorial trains from `coco_karpathy_train_567k.jsonl` (one conversation per caption), listed
+in a meta file like shell/data/coco_caption.json. People arrive with that, with COCO's own `captions_train2014.json`,
+with Karpathy's `dataset_coco.json` or with a plain `{"image", "caption"}` jsonl. `read_training_data` turns each of
+them into one list of `Sample`s (absolute image paths, InternVL conversations); a bad line is counted and skipped
+rather than stopping a run hours in.
+
+`check_samples` looks at every image once (COCO has five captions per image) before training starts, so a missing
+or truncated file is reported up front, by name, instead of crashing a data-loader worker mid-epoch; given a length
+function it also drops samples longer than `max_seq_length`. `write_coco_annotations` builds the tutorial's
+annotation files from Karpathy's split (`captune data coco`), and `data_check_command` is `captune data check`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import CaptuneError
+from .fileio import read_json, write_json_atomic, write_text_atomic
+from .processor import DEFAULT_QUESTION
+from .tiling import load_image, tile_grid
+
+IMAGE_PLACEHOLDER = "<image>"
+TUTORIAL_JSONL = "coco_karpathy_train_567k.jsonl"
+TUTORIAL_TEST = "coco_karpathy_test.json"
+TUTORIAL_TEST_GT = "coco_karpathy_test_gt.json"
+TUTORIAL_META = "coco_caption.json"
+TRAIN_SPLITS = ("train", "restval")
+TOKENS_PER_TILE = 256
+
+# Problem kinds (singular; format_problems pluralises them).
+MALFORMED_LINE = "malformed line"
+MALFORMED_ENTRY = "malformed entry"
+EMPTY_CAPTION = "empty caption"
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+TRUNCATED_IMAGE = "truncated image"
+OVER_LONG = "over-long sample"
+UNENCODABLE = "unencodable sample"
+
+_EXAMPLES_PER_KIND = 3
+_META_MAX_BYTES = 1_000_000  # meta files are tiny; don't parse a 140 MB dataset_coco.json to find out it isn't one
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample: an absolute image path and an InternVL conversation (human with `<image>`, then gpt)."""
+
+    image: Path
+    conversations: tuple[dict, ...]
+
+    @property
+    def question(self) -> str:
+        human = next(turn["value"] for turn in self.conversations if turn["from"] == "human")
+        return human.replace(IMAGE_PLACEHOLDER, "", 1).strip()
+
+    @property
+    def caption(self) -> str:
+        return next(turn["value"] for turn in self.conversations if turn["from"] == "gpt")
+
+
+@dataclass
+class Problems:
+    """Problems counted by kind, with the first few examples of each ("file:line: reason")."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, kind: str, example: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        kept = self.examples.setdefault(kind, [])
+        if len(kept) < _EXAMPLES_PER_KIND:
+            kept.append(example)
+
+    def update(self, other: Problems) -> None:
+        for kind, count in other.counts.items():
+            self.counts[kind] = self.counts.get(kind, 0) + count
+            kept = self.examples.setdefault(kind, [])
+            kept.extend(other.examples.get(kind, [])[: _EXAMPLES_PER_KIND - len(kept)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class DataReport:
+    samples: list[Sample]
+    problems: Problems
+    notes: list[str] = field(default_factory=list)  # guesses worth telling the user (image root not found...)
+
+
+@dataclass
+class CheckReport:
+    samples: list[Sample]
+    problems: Problems
+
+
+class _Skip(Exception):
+    """A record that is not a usable sample: counted as a problem of `kind`, never fatal."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_training_data(data: str | Path, image_root: str | Path | None = None) -> DataReport:
+    """Read training samples from a meta .json, a jsonl (InternVL or {"image", "caption"}), a COCO captions file,
+    Karpathy's dataset_coco.json (splits train + restval), a LAVIS-style JSON list, or a folder holding one of them.
+
+    `image_root` overrides where image paths are relative to (for a meta file: every dataset's root). Captions that
+    captune builds a conversation for are stripped; InternVL conversations are kept as given.
+    """
+    path = Path(data)
+    root = Path(image_root) if image_root is not None else None
+    if not path.exists():
+        raise CaptuneError("no such file or folder", path)
+    if path.is_dir():
+        path, root = _find_in_folder(path, root)
+    report = DataReport([], Problems())
+    _read_file(path, root, report)
+    if not report.samples and not report.problems.total:
+        raise CaptuneError("no training samples in this file", path)
+    return report
+
+
+def _find_in_folder(folder: Path, root: Path | None) -> tuple[Path, Path | None]:
+    """The tutorial's DIR/annotations/coco_karpathy_train_567k.jsonl, else the one meta json or jsonl there or in DIR."""
+    tutorial = folder / "annotations" / TUTORIAL_JSONL
+    if tutorial.is_file():
+        return tutorial, root or folder
+    for where in (folder / "annotations", folder):
+        if not where.is_dir():
+            continue
+        metas = [p for p in sorted(where.glob("*.json")) if _is_meta_file(p)]
+        jsonls = sorted(where.glob("*.jsonl"))
+        for found in (metas, jsonls):  # a meta file also names the image root, so it wins over its jsonl
+            if len(found) == 1:
+                return found[0], root
+            if len(found) > 1:
+                names = ", ".join(p.name for p in found)
+                raise CaptuneError(f"several candidate training files ({names}); name the one to use", where)
+    raise CaptuneError(
+        f"no training data found: expected annotations/{TUTORIAL_JSONL}, one .jsonl, or one meta .json", folder
+    )
+
+
+def _is_meta_file(path: Path) -> bool:
+    try:
+        if path.stat().st_size > _META_MAX_BYTES:
+            return False
+        return _is_meta(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def _read_file(path: Path, root: Path | None, report: DataReport) -> None:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, root, report)
+    try:
+        data = read_json(path)
+    except CaptuneError as e:
+        if "Extra data" in str(e):  # several JSON values, one per line: a jsonl with another extension
+            return _read_jsonl(path, root, report)
+        raise
+    if _is_meta(data):
+        _read_meta(path, data, root, report)
+    elif _is_coco_captions(data):
+        _read_coco_captions(path, data, root, report)
+    elif _is_karpathy(data):
+        _read_karpathy(path, data, root, report)
+    elif isinstance(data, list):
+        _read_records(path, ((f"{path}: item {i}", item) for i, item in enumerate(data)), MALFORMED_ENTRY, root, report)
+    else:
+        raise CaptuneError(
+            "unknown training data format: expected an InternVL meta file, an InternVL or {\"image\", \"caption\"} "
+            "jsonl, a COCO captions file (images + annotations) or Karpathy's dataset_coco.json",
+            path,
+        )
+
+
+def _is_meta(data: Any) -> bool:
+    return (isinstance(data, dict) and bool(data)
+            and all(isinstance(v, dict) and "annotation" in v for v in data.values()))
+
+
+def _is_coco_captions(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)
+
+
+def _is_karpathy(data: Any) -> bool:
+    images = data.get("images") if isinstance(data, dict) else None
+    return isinstance(images, list) and bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
+
+
+def _conversation(question: str, caption: str) -> tuple[dict, ...]:
+    return ({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}, {"from": "gpt", "value": caption})
+
+
+def _caption(value: Any, name: str = "caption") -> str:
+    if not isinstance(value, str):
+        raise _Skip(MALFORMED_ENTRY, f'"{name}" must be a string')
+    if not value.strip():
+        raise _Skip(EMPTY_CAPTION, "empty caption")
+    return value.strip()
+
+
+def _check_conversations(turns: Any) -> tuple[dict, ...]:
+    """An InternVL conversation: optional system turn, then human/gpt pairs, one `<image>` in the first human turn."""
+    if not isinstance(turns, list) or not turns:
+        raise _Skip(MALFORMED_LINE, '"conversations" must be a non-empty list')
+    if not all(isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+               for t in turns):
+        raise _Skip(MALFORMED_LINE, 'every turn needs string "from" and "value"')
+    roles = [t["from"] for t in turns]
+    body = roles[1:] if roles[0] == "system" else roles
+    if not body or len(body) % 2 or body != ["human", "gpt"] * (len(body) // 2):
+        raise _Skip(MALFORMED_LINE, f"roles {roles}: expected human, gpt alternating")
+    first_human = next(t["value"] for t in turns if t["from"] == "human")
+    if IMAGE_PLACEHOLDER not in first_human:
+        raise _Skip(MALFORMED_LINE, f"no {IMAGE_PLACEHOLDER} in the first human turn")
+    if sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns) != 1:
+        raise _Skip(MALFORMED_LINE, f"more than one {IMAGE_PLACEHOLDER}")
+    if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
+        raise _Skip(EMPTY_CAPTION, "empty caption")
+    # Fresh dicts (only from/value); the human prompt is the same on every line, so share one string.
+    return tuple({"from": t["from"], "value": sys.intern(t["value"]) if t["from"] == "human" else t["value"]}
+                 for t in turns)
+
+
+def _parse_record(record: Any, malformed: str) -> tuple[str, tuple[dict, ...]]:
+    """(relative image path, conversation) of one jsonl line or JSON list item."""
+    try:
+        if not isinstance(record, dict):
+            raise _Skip(MALFORMED_LINE, "not a JSON object")
+        image = record.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise _Skip(MALFORMED_LINE, 'no "image" (a path string)')
+        if "conversations" in record:
+            return image, _check_conversations(record["conversations"])
+        if "caption" in record:
+            return image, _conversation(DEFAULT_QUESTION, _caption(record["caption"]))
+        raise _Skip(MALFORMED_LINE, 'neither "conversations" nor "caption"')
+    except _Skip as e:
+        # The helpers speak of lines; in a JSON list the same problems are malformed entries.
+        raise _Skip(malformed if e.kind in (MALFORMED_LINE, MALFORMED_ENTRY) else e.kind, e.reason) from None
+
+
+def _read_jsonl(path: Path, root: Path | None, report: DataReport) -> None:
+    try:
+        with open(path, "rb") as f:
+            lines = list(enumerate(f, 1))
+    except OSError as e:
+        raise CaptuneError(f"cannot read: {e}", path) from None
+    records = []
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{lineno}", json.loads(line)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            report.problems.add(MALFORMED_LINE, f"{path}:{lineno}: not valid JSON ({e})")
+    _read_records(path, records, MALFORMED_LINE, root, report)
+
+
+def _read_records(path: Path, records: Iterable[tuple[str, Any]], malformed: str, root: Path | None,
+                  report: DataReport) -> None:
+    """InternVL or {"image", "caption"} records; images relative to `root`, else the file's folder or its parent."""
+    entries = []
+    for where, record in records:
+        try:
+            entries.append(_parse_record(record, malformed))
+        except _Skip as e:
+            report.problems.add(e.kind, f"{where}: {e.reason}")
+    if root is None and entries:
+        root = _guess_root(path, [path.parent, path.parent.parent], entries[0][0], report)
+    _add_samples(root or path.parent, entries, report)
+
+
+def _guess_root(path: Path, candidates: Sequence[Path], first_image: str, report: DataReport) -> Path:
+    """The first candidate folder in which the first image exists; else the first candidate, with a note."""
+    for candidate in candidates:
+        if (candidate / first_image).exists():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    report.notes.append(f"{path}: image {first_image} not found under {tried}; assuming {candidates[0]} "
+                        "(pass the image folder to use another)")
+    return candidates[0]
+
+
+def _add_samples(root: Path, entries: Iterable[tuple[str, tuple[dict, ...]]], report: DataReport) -> None:
+    paths: dict[str, Path] = {}  # captions of one image share one Path object
+    for image, conversations in entries:
+        absolute = paths.get(image)
+        if absolute is None:
+            absolute = paths[image] = Path(os.path.abspath(root / image))
+        report.samples.append(Sample(absolute, conversations))
+
+
+def _read_coco_captions(path: Path, data: dict, root: Path | None, report: DataReport) -> None:
+    """COCO's captions_*.json: one sample per annotation, asked DEFAULT_QUESTION."""
+    files: dict[Any, str] = {}
+    for i, image in enumerate(data["images"]):
+        if isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str):
+            files[image["id"]] = image["file_name"]
+        else:
+            report.problems.add(MALFORMED_ENTRY, f'{path}: images[{i}]: needs "id" and "file_name"')
+    entries = []
+    for i, ann in enumerate(data["annotations"]):
+        try:
+            if not isinstance(ann, dict) or ann.get("image_id") not in files:
+                raise _Skip(MALFORMED_ENTRY, '"image_id" missing or not in "images"')
+            entries.append((files[ann["image_id"]], _conversation(DEFAULT_QUESTION, _caption(ann.get("caption")))))
+        except _Skip as e:
+            report.problems.add(e.kind, f"{path}: annotations[{i}]: {e.reason}")
+    if root is None and entries:
+        folder = path.parent
+        root = _guess_root(path, [folder, folder.parent / "train2014", folder.parent / "images"], entries[0][0], report)
+    _add_samples(root or path.parent, entries, report)
+
+
+def _karpathy_image_path(image: Any) -> str:
+    if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
+        raise _Skip(MALFORMED_ENTRY, 'needs "filename"')
+    folder = image.get("filepath") or ""
+    return f"{folder}/{image['filename']}" if folder else image["filename"]
+
+
+def _read_karpathy(path: Path, data: dict, root: Path | None, report: DataReport) -> None:
+    """Karpathy's dataset_coco.json: splits train + restval, one sample per sentence (566,747 for COCO)."""
+    entries = []
+    for i, image in enumerate(data["images"]):
+        try:
+            if not isinstance(image, dict) or image.get("split") not in TRAIN_SPLITS:
+                continue
+            rel = _karpathy_image_path(image)
+            sentences = image.get("sentences")
+            if not isinstance(sentences, list):
+                raise _Skip(MALFORMED_ENTRY, '"sentences" must be a list')
+        except _Skip as e:
+            report.problems.add(e.kind, f"{path}: images[{i}]: {e.reason}")
+            continue
+        for j, sentence in enumerate(sentences):
+            try:
+                raw = sentence.get("raw") if isinstance(sentence, dict) else None
+                entries.append((rel, _conversation(DEFAULT_QUESTION, _caption(raw, "raw"))))
+            except _Skip as e:
+                report.problems.add(e.kind, f"{path}: images[{i}].sentences[{j}]: {e.reason}")
+    if root is None and entries:
+        root = _guess_root(path, [path.parent, path.parent.parent], entries[0][0], report)
+    _add_samples(root or path.parent, entries, report)
+
+
+def _resolve(value: str, meta_dir: Path) -> Path:
+    """A meta file's path: absolute as is; relative: the current folder first, then the meta file's folder."""
+    p = Path(value)
+    if p.is_absolute():
+        return p
+    for candidate in (Path.cwd() / p, meta_dir / p):
+        if candidate.exists():
+            return candidate
+    return Path.cwd() / p
+
+
+def _read_meta(path: Path, meta: dict, root: Path | None, report: DataReport) -> None:
+    """InternVL's meta file: {name: {root, annotation, repeat_time, length, ...}}; datasets are concatenated."""
+    for name, entry in meta.items():
+        annotation = entry.get("annotation")
+        if not isinstance(annotation, str) or not annotation:
+            raise CaptuneError(f'dataset {name!r}: "annotation" must be a path', path)
+        annotation_path = _resolve(annotation, path.parent)
+        if not annotation_path.is_file():
+            raise CaptuneError(f"dataset {name!r}: annotation {annotation} not found (looked in the current folder "
+                               f"and in {path.parent})", path)
+        dataset_root = root
+        if dataset_root is None and entry.get("root"):
+            dataset_root = _resolve(str(entry["root"]), path.parent)
+            if not dataset_root.is_dir():
+                report.notes.append(f"{path}: dataset {name!r}: image root {entry['root']} not found")
+        part = DataReport([], report.problems, report.notes)
+        _read_file(annotation_path, dataset_root, part)
+        length = entry.get("length")
+        if isinstance(length, int) and length != len(part.samples):
+            report.notes.append(f"{path}: dataset {name!r}: {len(part.samples)} samples read, meta says {length}")
+        report.samples.extend(_repeat(part.samples, entry.get("repeat_time", 1), name, path))
+
+
+def _repeat(samples: list[Sample], repeat_time: Any, name: str, path: Path) -> list[Sample]:
+    """InternVL's repeat_time: below 1 keeps the first fraction, a whole number above 1 repeats the list."""
+    if isinstance(repeat_time, bool) or not isinstance(repeat_time, (int, float)) or repeat_time <= 0:
+        raise CaptuneError(f"dataset {name!r}: repeat_time must be a positive number, not {repeat_time!r}", path)
+    if repeat_time < 1:
+        return samples[: int(len(samples) * repeat_time)]
+    if repeat_time != int(repeat_time):
+        raise CaptuneError(f"dataset {name!r}: repeat_time above 1 must be a whole number, not {repeat_time}", path)
+    return samples * int(repeat_time)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking
+
+
+LengthFn = Callable[[Sample, int], int]
+
+
+def check_samples(
+    samples: Sequence[Sample],
+    decode_images: bool,
+    length_fn: LengthFn | None = None,
+    max_seq_length: int = 4096,
+    max_tiles: int = 6,
+    tile_size: int = 448,
+    workers: int = 0,
+    progress: bool = True,
+) -> CheckReport:
+    """Keep the samples whose image is readable (and, given `length_fn(sample, num_tiles)`, not over-long).
+
+    Each distinct image is opened once: fully decoded with `decode_images` (finds truncated files), else only its
+    header (fast, for the start of training). `workers` > 0 spreads the images over a process pool.
+    """
+    images = list(dict.fromkeys(s.image for s in samples))
+    results = _inspect_images(images, decode_images, workers, progress)
+    problems = Problems()
+    for image in images:
+        kind, reason, _ = results[image]
+        if kind:
+            problems.add(kind, f"{image}: {reason}")
+    kept = []
+    bar = tqdm(samples, desc="checking lengths", unit="sample", disable=not progress or length_fn is None)
+    for sample in bar:
+        kind, _, size = results[sample.image]
+        if kind:
+            continue
+        if length_fn is not None and not _short_enough(sample, size, length_fn, max_seq_length, max_tiles, tile_size,
+                                                       problems):
+            continue
+        kept.append(sample)
+    return CheckReport(kept, problems)
+
+
+def _short_enough(sample: Sample, size: tuple[int, int], length_fn: LengthFn, max_seq_length: int, max_tiles: int,
+                  tile_size: int, problems: Problems) -> bool:
+    cols, rows = tile_grid(size[0], size[1], max_tiles=max_tiles, tile_size=tile_size)
+    num_tiles = cols * rows + (1 if cols * rows > 1 else 0)  # + the thumbnail
+    try:
+        length = length_fn(sample, num_tiles)
+    except CaptuneError as e:
+        problems.add(UNENCODABLE, f"{sample.image}: {e}")
+        return False
+    if length > max_seq_length:
+        problems.add(OVER_LONG, f"{sample.image}: {length} tokens > max_seq_length {max_seq_length}")
+        return False
+    return True
+
+
+def _inspect_images(images: list[Path], decode: bool, workers: int, progress: bool) -> dict[Path, tuple]:
+    inspect = functools.partial(_inspect_image, decode=decode)
+    bar = functools.partial(tqdm, total=len(images), desc="checking images", unit="image", disable=not progress)
+    if workers <= 0 or len(images) < 2:
+        return dict(zip(images, bar(map(inspect, images)), strict=True))
+    chunksize = max(1, min(256, len(images) // (workers * 8)))
+    # spawn: no fork of a process that may hold threads (tokenizers, torch) or a CUDA context.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return dict(zip(images, bar(pool.imap(inspect, images, chunksize=chunksize)), strict=True))
+
+
+def _inspect_image(path: Path, decode: bool) -> tuple[str | None, str, tuple[int, int] | None]:
+    """(problem kind or None, reason, (width, height)) of one image file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's EXIF and decompression-bomb warnings, once per image
+        if decode:
+            try:
+                return None, "", load_image(path).size
+            except CaptuneError as e:
+                reason = str(e).removeprefix(f"{e.path}: ")
+                kind = {"image not found": MISSING_IMAGE, "truncated image": TRUNCATED_IMAGE}.get(reason)
+                return kind or UNREADABLE_IMAGE, reason, None
+        try:
+            with Image.open(path) as image:
+                return None, "", image.size
+        except FileNotFoundError:
+            return MISSING_IMAGE, "image not found", None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return UNREADABLE_IMAGE, f"cannot read image header: {e}", None
+
+
+def format_problems(problems: Problems) -> str:
+    """One line: "3 malformed lines (e.g. a; b; c), 2 missing images (e.g. ...)"."""
+    if not problems.total:
+        return "no problems"
+    return ", ".join(f"{count} {_plural(kind, count)} (e.g. {'; '.join(problems.examples.get(kind, []))})"
+                     for kind, count in problems.counts.items())
+
+
+def _plural(kind: str, count: int) -> str:
+    if count == 1:
+        return kind
+    return kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing the tutorial's annotation files
+
+
+def write_coco_annotations(karpathy_json: str | Path, images_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write the tutorial's COCO annotation files from Karpathy's dataset_coco.json into `out_dir`.
+
+    - `coco_karpathy_train_567k.jsonl`: one InternVL conversation per caption of splits train + restval, `"image"`
+      as `<filepath>/<filename>` relative to `images_dir`. The human prompt of InternVL's own 567k file is not known
+      here: every line asks `"<image>\\n" + DEFAULT_QUESTION` (the question captune's evaluation asks).
+    - `coco_karpathy_test.json`: `[{"image", "caption": [references]}]` of split test, as LAVIS/BLIP's file.
+    - `coco_karpathy_test_gt.json`: the same references in COCO captions format, for pycocotools / pycocoevalcap.
+    - `coco_caption.json`: InternVL's meta file naming the jsonl (absolute paths, root `images_dir`).
+
+    Returns {"train", "test", "test_gt", "meta"} -> path. Images not found under `images_dir` are counted in a
+    warning; the files are written anyway.
+    """
+    karpathy_json, images_dir, out_dir = Path(karpathy_json), Path(images_dir), Path(out_dir)
+    images = _karpathy_images(karpathy_json)
+    train_lines: list[str] = []
+    test: list[dict] = []
+    gt: dict[str, Any] = {"info": {}, "licenses": [], "type": "captions", "images": [], "annotations": []}
+    listed: list[str] = []
+    for i, image in enumerate(images):
+        split = image.get("split") if isinstance(image, dict) else None
+        if split not in (*TRAIN_SPLITS, "test"):
+            continue
+        rel, captions = _karpathy_captions(karpathy_json, i, image)
+        listed.append(rel)
+        if split == "test":
+            test.append({"image": rel, "caption": captions})
+            image_id = _coco_id(karpathy_json, i, image)
+            gt["images"].append({"id": image_id, "file_name": rel})
+            for caption in captions:
+                gt["annotations"].append({"image_id": image_id, "caption": caption, "id": len(gt["annotations"]) + 1})
+        else:
+            for caption in captions:
+                line = {"id": len(train_lines), "image": rel,
+                        "conversations": list(_conversation(DEFAULT_QUESTION, caption))}
+                train_lines.append(json.dumps(line, ensure_ascii=False))
+    _warn_missing(listed, images_dir, karpathy_json)
+
+    out = {"train": out_dir / TUTORIAL_JSONL, "test": out_dir / TUTORIAL_TEST,
+           "test_gt": out_dir / TUTORIAL_TEST_GT, "meta": out_dir / TUTORIAL_META}
+    write_text_atomic(out["train"], "".join(line + "\n" for line in train_lines))
+    write_json_atomic(out["test"], test, indent=None)
+    write_json_atomic(out["test_gt"], gt, indent=None)
+    meta = {Path(TUTORIAL_JSONL).stem: {"root": os.path.abspath(images_dir),
+                                        "annotation": os.path.abspath(out["train"]),
+                                        "data_augment": False, "repeat_time": 1, "length": len(train_lines)}}
+    write_json_atomic(out["meta"], meta)
+    return out
+
+
+def _karpathy_images(path: Path) -> list:
+    data = read_json(path)
+    if not _is_karpathy(data):
+        raise CaptuneError('not Karpathy\'s dataset_coco.json: expected {"images": [{"filepath", "filename", "split", '
+                           '"sentences", "cocoid"}]}', path)
+    return data["images"]
+
+
+def _karpathy_captions(path: Path, i: int, image: dict) -> tuple[str, list[str]]:
+    """(image path relative to the images folder, stripped non-empty raw sentences); a malformed entry is an error."""
+    try:
+        rel = _karpathy_image_path(image)
+        sentences = image["sentences"]
+        captions = [s["raw"].strip() for s in sentences]
+    except (_Skip, KeyError, TypeError, AttributeError):
+        raise CaptuneError(f'images[{i}]: needs "filename" and "sentences" [{{"raw": ...}}]', path) from None
+    return rel, [c for c in captions if c]
+
+
+def _coco_id(path: Path, i: int, image: dict) -> int:
+    if isinstance(image.get("cocoid"), int):
+        return image["cocoid"]
+    from .evalset import coco_image_id
+
+    try:
+        return coco_image_id(image["filename"])
+    except ValueError:
+        raise CaptuneError(f'images[{i}]: no "cocoid" and no id in the file name', path) from None
+
+
+def _warn_missing(listed: list[str], images_dir: Path, source: Path) -> None:
+    missing = [rel for rel in listed if not (images_dir / rel).is_file()]
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(listed)} images listed in {source} are not under {images_dir} "
+                      f"(e.g. {missing[0]}); the annotations are written anyway", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def make_length_fn(tokenizer: Any, template: Any, encode: Callable[..., dict],
+                   tokens_per_tile: int = TOKENS_PER_TILE) -> LengthFn:
+    """length_fn(sample, num_tiles): the sample's token count as InternVL's trainer builds it, via `encode`
+    (templates.encode_conversation)."""
+
+    def length(sample: Sample, num_tiles: int) -> int:
+        # Encoded with one image token, then counted up: <IMG_CONTEXT> is a special token, one id per occurrence,
+        # and tokenizing 1,792 of them for each of 566k captions would be slow.
+        ids = encode(tokenizer, list(sample.conversations), 1, template)["input_ids"]
+        return len(ids) - 1 + num_tiles * tokens_per_tile
+
+    return length
+
+
+def model_template(model: str | Path) -> str:
+    """The conversation template named by a model folder: config.json "template", or internvl_config.json's."""
+    from .checkpoint import INTERNVL_CONFIG_NAME
+
+    folder = Path(model)
+    if not folder.is_dir():
+        raise CaptuneError("model folder not found", folder)
+    for name in ("config.json", INTERNVL_CONFIG_NAME):
+        config = read_json(folder / name) if (folder / name).is_file() else None
+        if isinstance(config, dict) and config.get("template"):
+            return config["template"]
+    warnings.warn(f"{folder}: no InternVL template recorded; assuming 'internvl2_5'", stacklevel=2)
+    return "internvl2_5"
+
+
+def data_check_command(data: str | Path, model: str | Path | None = None, max_tiles: int = 6,
+                       max_seq_length: int = 4096, workers: int | None = None,
+                       image_root: str | Path | None = None) -> int:
+    """`captune data check`: read the data, decode every image, check lengths with a model's tokenizer; print a
+    summary and return the number of problems."""
+    report = read_training_data(data, image_root)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"{len(report.samples)} samples read from {data}")
+    length_fn = None
+    if model is not None:
+        from .templates import encode_conversation, get_template
+        from .tokenizer import load_tokenizer
+
+        length_fn = make_length_fn(load_tokenizer(model), get_template(model_template(model)), encode_conversation)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 32)
+    checked = check_samples(report.samples, decode_images=True, length_fn=length_fn, max_seq_length=max_seq_length,
+                            max_tiles=max_tiles, workers=workers if workers > 1 else 0)
+    problems = Problems()
+    problems.update(report.problems)
+    problems.update(checked.problems)
+    if problems.total:
+        print(format_problems(problems))
+    print(f"{len(checked.samples)} samples OK")
+    return problems.total
+
+
+def data_coco_command(karpathy: str | Path, images: str | Path, out: str | Path) -> None:
+    """`captune data coco --karpathy dataset_coco.json --images DIR --out DIR`."""
+    paths = write_coco_annotations(karpathy, images, out)
+    length = read_json(paths["meta"])[Path(TUTORIAL_JSONL).stem]["length"]
+    print(f"wrote {paths['train']} ({length} training captions)")
+    for key in ("test", "test_gt", "meta"):
+        print(f"wrote {paths[key]}")
