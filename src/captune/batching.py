@@ -60,10 +60,11 @@ class CaptionTrainDataset(Dataset):
         except CaptuneError as e:
             return {"error": str(e), "index": i}
         n_image_tokens = pixel_values.shape[0] * self.processor.tokens_per_tile
-        encoded = encode_conversation(self.processor.tokenizer, list(sample.conversations), n_image_tokens,
-                                      self.processor.template)
-        if len(encoded["input_ids"]) > self.max_seq_length:
-            return {"error": f"{sample.image}: {len(encoded['input_ids'])} tokens > max_seq_length", "index": i}
+        try:
+            encoded = encode_conversation(self.processor.tokenizer, list(sample.conversations), n_image_tokens,
+                                          self.processor.template, max_length=self.max_seq_length)
+        except CaptuneError as e:
+            return {"error": f"{sample.image}: {e}", "index": i}
         return {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "pixel_values": pixel_values,
                 "image": str(sample.image), "index": i}
 

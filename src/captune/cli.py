@@ -5,7 +5,7 @@
     captune eval MODEL --data data/coco   the COCO Caption benchmark (BLEU, METEOR, ROUGE-L, CIDEr)
     captune score RESULTS GT              score any captions file with the official COCO metrics
     captune train --model M --data D --out OUT [--recipe R] [--key value ...]   LoRA fine-tuning
-    captune data coco|check ...           prepare or validate training data
+    captune data coco|check|synthetic     prepare, validate or make training data
 
 Each sub-command is a plain typed function; `main` only parses arguments and turns user errors
 (`CaptuneError`) into one line on stderr and exit status 2, without a traceback.
@@ -65,6 +65,14 @@ def data_coco(karpathy: str, images: str, out: str) -> None:
     from .traindata import data_coco_command
 
     data_coco_command(karpathy, images, out)
+
+
+def data_synthetic(out: str, train: int = 400, test: int = 100, seed: int = 0, style: int = 0, image_size: int = 448,
+                   force: bool = False) -> None:
+    """Render shapes scenes with five reference captions each, in the tutorial's data/coco layout."""
+    from .synthetic import data_synthetic_command
+
+    data_synthetic_command(out, train=train, test=test, seed=seed, style=style, image_size=image_size, force=force)
 
 
 def data_check(data: str, model: str | None = None, max_tiles: int = 6, max_seq_length: int = 4096,
@@ -181,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--images", required=True, help="the COCO images folder (with train2014/ and val2014/)")
     q.add_argument("--out", required=True, help="where to write the annotation files")
     q.set_defaults(func=lambda a: data_coco(a.karpathy, a.images, a.out))
+    q = data_sub.add_parser("synthetic", help="write a small synthetic caption data set (shapes) in the tutorial's layout")
+    q.add_argument("out")
+    q.add_argument("--train", type=int, default=400, help="training images (5 captions each)")
+    q.add_argument("--test", type=int, default=100, help="test images")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--style", type=int, default=0, help="also write N images captioned in the base model's style")
+    q.add_argument("--image-size", type=int, default=448)
+    q.add_argument("--force", action="store_true")
+    q.set_defaults(func=lambda a: data_synthetic(a.out, a.train, a.test, a.seed, a.style, a.image_size, a.force))
     q = data_sub.add_parser("check", help="validate a training set before hours of training")
     q.add_argument("data", help="a data folder, InternVL meta json, jsonl, COCO captions json or dataset_coco.json")
     q.add_argument("--model", help="a checkpoint folder, to check sample lengths with its tokenizer")

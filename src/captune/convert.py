@@ -368,6 +368,14 @@ class KeyMap:
                 return list(zip(names, tensors, strict=True))
         raise KeyError(key)
 
+    def native_names(self, key: str) -> list[str]:
+        """The native name(s) of an original key, without reading the tensor (for checks before converting)."""
+        for pattern, rule in self._to_native:
+            m = pattern.match(key)
+            if m:
+                return [n.format(**m.groupdict()) for n in rule.native]
+        raise KeyError(key)
+
     def to_original(self, key: str) -> tuple[str, int, Rule]:
         """The original name of a native key, the part it is of a fused tensor, and its rule."""
         for pattern, rule, part in self._to_original:
@@ -409,14 +417,21 @@ def iter_original_tensors(shard: Path, keymap: KeyMap, pending: dict) -> Iterato
 
     `pending` carries parts of fused tensors across shards (at most one layer's worth in practice).
     """
-    for key, tensor in iter_shard(shard):
+    yield from original_from_native(iter_shard(shard), keymap, pending, shard)
+
+
+def original_from_native(
+    pairs: Iterable[tuple[str, torch.Tensor]], keymap: KeyMap, pending: dict, source: Path | str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`iter_original_tensors` for any stream of native (name, tensor) pairs; `source` names them in errors."""
+    for key, tensor in pairs:
         key = normalize_native_key(key)
         if _IGNORED_KEYS.match(key):
             continue
         try:
             original, part, rule = keymap.to_original(key)
         except KeyError:
-            raise CaptuneError(f"unexpected tensor {key!r}: not part of an InternVL2 model", shard) from None
+            raise CaptuneError(f"unexpected tensor {key!r}: not part of an InternVL2 model", source) from None
         if len(rule.native) == 1:
             yield original, tensor
             continue
@@ -436,29 +451,48 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | N
     save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
 
 
+def output_shard_name(shard: Path) -> str:
+    """The name an input shard keeps in the output (always safetensors)."""
+    return shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
+
+
+class ShardWriter:
+    """Writes output shards one at a time and, at the end, the index of a sharded checkpoint."""
+
+    def __init__(self, out: Path, indexed: bool = False):
+        self.out, self.indexed = out, indexed
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None) -> None:
+        if tensors:
+            _save_shard(tensors, self.out / name, metadata)
+        for key, t in tensors.items():
+            self.weight_map[key] = name
+            self.total_size += t.numel() * t.element_size()
+
+    def finish(self) -> dict[str, str]:
+        """Write model.safetensors.index.json when there are several shards (or the input had an index)."""
+        if len(set(self.weight_map.values())) > 1 or self.indexed:
+            write_json_atomic(
+                self.out / "model.safetensors.index.json",
+                {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))},
+            )
+        return self.weight_map
+
+
 def _write_shards(
     ckpt: Checkpoint, out: Path, convert_shard: Callable[[Path], Iterable[tuple[str, torch.Tensor]]]
 ) -> dict[str, str]:
     """Write one output shard per input shard (same names, same sharding); return the weight map."""
     from tqdm import tqdm
 
-    weight_map: dict[str, str] = {}
-    total_size = 0
+    writer = ShardWriter(out, indexed=ckpt.index_name is not None)
     for shard in tqdm(ckpt.shards, desc="converting shards", unit="shard", disable=len(ckpt.shards) < 2):
-        name = shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
         tensors = dict(convert_shard(shard))
-        if tensors:
-            _save_shard(tensors, out / name, shard_metadata(shard))
-        for key, t in tensors.items():
-            weight_map[key] = name
-            total_size += t.numel() * t.element_size()
+        writer.write(output_shard_name(shard), tensors, shard_metadata(shard))
         del tensors
-    if len(set(weight_map.values())) > 1 or ckpt.index_name:
-        write_json_atomic(
-            out / "model.safetensors.index.json",
-            {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
-        )
-    return weight_map
+    return writer.finish()
 
 
 def _lm_head_in(ckpt: Checkpoint) -> bool:
@@ -502,18 +536,27 @@ def _convert_to_hf(ckpt: Checkpoint, tmp: Path) -> None:
         raise CaptuneError("the checkpoint has no lm_head / output weight and the LLM does not tie embeddings", ckpt.path)
 
     _write_shards(ckpt, tmp, lambda shard: iter_native_tensors(ckpt, shard, keymap))
-    config = native_config(cfg, image_token_id, tie_word_embeddings=tie)
-    config.dtype = cfg.get("torch_dtype") or cfg["llm_config"].get("torch_dtype")
-    config.save_pretrained(tmp)
-    write_json_atomic(tmp / INTERNVL_CONFIG_NAME, cfg)
-
+    write_native_config(tmp, cfg, image_token_id, tie, cfg.get("torch_dtype") or cfg["llm_config"].get("torch_dtype"))
     if tokenizer is not None:
-        from .templates import chat_template, get_template, stop_token_id
+        write_tokenizer_files(tmp, tokenizer, cfg)
 
-        template = get_template(cfg.get("template") or "internlm2-chat")
-        tokenizer.chat_template = chat_template(template)
-        tokenizer.save_pretrained(tmp)
-        _write_generation_config(tmp, tokenizer, stop_token_id(tokenizer, template))
+
+def write_native_config(out: Path, internvl_cfg: dict, image_token_id: int | None, tie: bool, dtype) -> None:
+    """config.json of the native class, and the original config kept beside it as internvl_config.json."""
+    config = native_config(internvl_cfg, image_token_id, tie_word_embeddings=tie)
+    config.dtype = dtype
+    config.save_pretrained(out)
+    write_json_atomic(out / INTERNVL_CONFIG_NAME, internvl_cfg)
+
+
+def write_tokenizer_files(out: Path, tokenizer, internvl_cfg: dict) -> None:
+    """The tokenizer with the release's chat template, and a generation_config that stops at its stop token."""
+    from .templates import chat_template, get_template, stop_token_id
+
+    template = get_template(internvl_cfg.get("template") or "internlm2-chat")
+    tokenizer.chat_template = chat_template(template)
+    tokenizer.save_pretrained(out)
+    _write_generation_config(out, tokenizer, stop_token_id(tokenizer, template))
 
 
 def _write_generation_config(out: Path, tokenizer, stop_id: int) -> None:
@@ -544,7 +587,15 @@ def _convert_to_internvl(ckpt: Checkpoint, tmp: Path) -> None:
     if pending:
         raise CaptuneError(f"incomplete fused tensors (missing parts): {', '.join(sorted(pending)[:5])}", ckpt.path)
     write_json_atomic(tmp / "config.json", original_cfg)
-    for f in sorted(ckpt.path.iterdir()):
-        is_tokenizer = f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template"))
-        if f.is_file() and (f.suffix == ".py" or is_tokenizer or f.name == "generation_config.json"):
-            shutil.copy2(f, tmp / f.name)
+    copy_release_files(ckpt.path, tmp)
+
+
+_TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template")
+
+
+def copy_release_files(src: Path, out: Path, python: bool = True) -> None:
+    """Copy the tokenizer files, generation_config.json and (with `python`) the remote code (*.py) as they are."""
+    for f in sorted(Path(src).iterdir()):
+        wanted = f.name.startswith(_TOKENIZER_PREFIXES) or f.name == "generation_config.json"
+        if f.is_file() and (wanted or (python and f.suffix == ".py")):
+            shutil.copy2(f, out / f.name)

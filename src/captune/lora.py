@@ -33,11 +33,11 @@ def add_lora(model: nn.Module, rank: int, alpha: int, dropout: float, vision: bo
 
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = linear_layer_names(model, LLM_PREFIX)
+    patterns = [layer_pattern(linear_layer_names(model, LLM_PREFIX), LLM_PREFIX + "layers.")]
     if vision:
-        targets += linear_layer_names(model, VISION_PREFIX)
-    # An exact-match regex: PEFT matches a string target_modules with re.fullmatch.
-    pattern = "|".join(re.escape(t) for t in targets)
+        patterns.append(layer_pattern(linear_layer_names(model, VISION_PREFIX), VISION_PREFIX + "encoder.layer."))
+    # PEFT matches a string target_modules against module names with re.fullmatch.
+    pattern = "|".join(p for p in patterns if p)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -47,6 +47,14 @@ def add_lora(model: nn.Module, rank: int, alpha: int, dropout: float, vision: bo
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def layer_pattern(names: list[str], layers_prefix: str) -> str:
+    """A compact regex for per-layer module names: `prefix\\.\\d+\\.(self_attn\\.q_proj|...)`."""
+    suffixes = sorted({n[len(layers_prefix):].split(".", 1)[1] for n in names if n.startswith(layers_prefix)})
+    if not suffixes:
+        return ""
+    return re.escape(layers_prefix) + r"\d+\.(" + "|".join(re.escape(s) for s in suffixes) + ")"
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -48,13 +48,20 @@ def load(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     image_token_id: int | None = None,
+    base: str | Path | None = None,
 ):
     """Load a checkpoint folder; return `(model, processor)`.
 
     `path` is an original InternVL2 release folder (`InternVLChatModel`, converted on the fly, tensor by tensor)
     or a folder in transformers' native layout. `processor` is None when the folder has no tokenizer.
+    `path` may also be a LoRA adapter folder written by `captune train`: its base model is loaded and the adapter
+    merged in memory (`base` overrides the base model recorded in the adapter).
     `image_token_id` is only needed for checkpoints without a tokenizer (the id of `<IMG_CONTEXT>`).
     """
+    from .lora import is_adapter_folder
+
+    if is_adapter_folder(path):
+        return load_adapter(path, base=base, dtype=dtype, device=device, attn_implementation=attn_implementation)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     ckpt = open_checkpoint(path)
@@ -147,3 +154,25 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
         rebuilt = type(module)(config=module.config).to(device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
+
+
+def load_adapter(
+    path: str | Path,
+    base: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+):
+    """Base model + LoRA adapter, merged in memory: the same function as `captune merge` writes to disk."""
+    from peft import PeftModel
+
+    from .lora import adapter_base_path
+
+    base_path = Path(base) if base is not None else adapter_base_path(path)
+    model, processor = load(base_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    try:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CaptuneError(f"adapter does not fit its base model {base_path}: {e}", path) from None
+    model.eval()
+    return model, processor

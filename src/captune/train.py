@@ -148,10 +148,11 @@ def load_training_samples(config: cfg.TrainConfig, processor, log: RunLog):
     report = read_training_data(config.data)
     checked = check_samples(report.samples, decode_images=False, max_tiles=config.max_tiles,
                             tile_size=processor.tile_size, progress=log.enabled)
+    for note in report.notes:
+        log.info(note)
     for problems in (report.problems, checked.problems):
-        summary = format_problems(problems)
-        if summary:
-            log.info(f"skipping bad training samples: {summary}")
+        if problems.total:
+            log.info(f"skipping bad training samples: {format_problems(problems)}")
     if not checked.samples:
         raise CaptuneError("no usable training samples", config.data)
     return checked.samples
@@ -262,9 +263,12 @@ def _restore(path: Path, loss_module: CaptionLoss, wrapped, optimizer, scheduler
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def _restore_rng(state: dict, ctx: distributed.Context) -> None:
     rngs = state["rng"]
     set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) and rngs[ctx.rank] is not None else rngs[0])
-    return state
 
 
 def _prepare_out(config: cfg.TrainConfig, ctx: distributed.Context) -> Path | None:
@@ -340,7 +344,7 @@ def train(config: cfg.TrainConfig) -> Path:
         wrapped = _wrap(loss_module, ctx, config, torch_dtype)
         optimizer = _optimizer(wrapped, config)
         scheduler = _scheduler(optimizer, config, schedule.total_steps)
-        start_step, best = 0, {"cider": -1.0}
+        start_step, best, state = 0, {"cider": -1.0}, None
         if resume_from is not None:
             state = _restore(resume_from, loss_module, wrapped, optimizer, scheduler, ctx, config)
             start_step, best = state["step"], state.get("best", best)
@@ -354,6 +358,8 @@ def train(config: cfg.TrainConfig) -> Path:
                             pin_memory=ctx.device.type == "cuda",
                             prefetch_factor=4 if config.num_workers > 0 else None)
         batches = iter(loader)
+        if state is not None:  # after everything that draws random numbers on the way to the first step
+            _restore_rng(state, ctx)
         autocast = (torch.autocast(device_type=ctx.device.type, dtype=torch_dtype)
                     if torch_dtype != torch.float32 and not sharded else nullcontext())
         if ctx.device.type == "cuda":

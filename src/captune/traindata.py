@@ -14,13 +14,15 @@ annotation files from Karpathy's split (`captune data coco`), and `data_check_co
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import multiprocessing
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ _EXAMPLES_PER_KIND = 3
 _META_MAX_BYTES = 1_000_000  # meta files are tiny; don't parse a 140 MB dataset_coco.json to find out it isn't one
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 566k of them
 class Sample:
     """One training sample: an absolute image path and an InternVL conversation (human with `<image>`, then gpt)."""
 
@@ -135,10 +137,24 @@ def read_training_data(data: str | Path, image_root: str | Path | None = None) -
     if path.is_dir():
         path, root = _find_in_folder(path, root)
     report = DataReport([], Problems())
-    _read_file(path, root, report)
+    with _gc_paused():
+        _read_file(path, root, report)
     if not report.samples and not report.problems.total:
         raise CaptuneError("no training samples in this file", path)
     return report
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Half a million new containers would set off the cyclic garbage collector over and over (a third of the
+    reading time); reading makes no cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _find_in_folder(folder: Path, root: Path | None) -> tuple[Path, Path | None]:
@@ -187,7 +203,7 @@ def _read_file(path: Path, root: Path | None, report: DataReport) -> None:
     elif _is_karpathy(data):
         _read_karpathy(path, data, root, report)
     elif isinstance(data, list):
-        _read_records(path, ((f"{path}: item {i}", item) for i, item in enumerate(data)), MALFORMED_ENTRY, root, report)
+        _read_records(path, ((f" item {i}", item) for i, item in enumerate(data)), MALFORMED_ENTRY, root, report)
     else:
         raise CaptuneError(
             "unknown training data format: expected an InternVL meta file, an InternVL or {\"image\", \"caption\"} "
@@ -211,7 +227,7 @@ def _is_karpathy(data: Any) -> bool:
 
 
 def _conversation(question: str, caption: str) -> tuple[dict, ...]:
-    return ({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}, {"from": "gpt", "value": caption})
+    return ({"from": "human", "value": sys.intern(f"{IMAGE_PLACEHOLDER}\n{question}")}, {"from": "gpt", "value": caption})
 
 
 def _caption(value: Any, name: str = "caption") -> str:
@@ -223,26 +239,43 @@ def _caption(value: Any, name: str = "caption") -> str:
 
 
 def _check_conversations(turns: Any) -> tuple[dict, ...]:
-    """An InternVL conversation: optional system turn, then human/gpt pairs, one `<image>` in the first human turn."""
+    """An InternVL conversation: optional system turn, then human/gpt pairs, one `<image>` in the first human turn.
+
+    The dicts are fresh from json.loads, so ours to keep; every line asks the same question, so it shares one string.
+    """
+    if type(turns) is list and len(turns) == 2:  # the common case, checked quickly (566k lines)
+        human, gpt = turns
+        if type(human) is dict and type(gpt) is dict and human.get("from") == "human" and gpt.get("from") == "gpt":
+            question, answer = human.get("value"), gpt.get("value")
+            if (type(question) is str and type(answer) is str and question.count(IMAGE_PLACEHOLDER) == 1
+                    and IMAGE_PLACEHOLDER not in answer and answer.strip()):
+                human["value"] = sys.intern(question)
+                return human, gpt
+    return _check_any_conversation(turns)
+
+
+def _check_any_conversation(turns: Any) -> tuple[dict, ...]:
     if not isinstance(turns, list) or not turns:
         raise _Skip(MALFORMED_LINE, '"conversations" must be a non-empty list')
-    if not all(isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
-               for t in turns):
-        raise _Skip(MALFORMED_LINE, 'every turn needs string "from" and "value"')
-    roles = [t["from"] for t in turns]
+    roles, images, first_human = [], 0, None
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            raise _Skip(MALFORMED_LINE, 'every turn needs string "from" and "value"')
+        roles.append(turn["from"])
+        images += turn["value"].count(IMAGE_PLACEHOLDER)
+        if turn["from"] == "human" and first_human is None:
+            first_human = turn
     body = roles[1:] if roles[0] == "system" else roles
     if not body or len(body) % 2 or body != ["human", "gpt"] * (len(body) // 2):
         raise _Skip(MALFORMED_LINE, f"roles {roles}: expected human, gpt alternating")
-    first_human = next(t["value"] for t in turns if t["from"] == "human")
-    if IMAGE_PLACEHOLDER not in first_human:
+    if IMAGE_PLACEHOLDER not in first_human["value"]:
         raise _Skip(MALFORMED_LINE, f"no {IMAGE_PLACEHOLDER} in the first human turn")
-    if sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns) != 1:
+    if images != 1:
         raise _Skip(MALFORMED_LINE, f"more than one {IMAGE_PLACEHOLDER}")
-    if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
+    if any(turn["from"] == "gpt" and not turn["value"].strip() for turn in turns):
         raise _Skip(EMPTY_CAPTION, "empty caption")
-    # Fresh dicts (only from/value); the human prompt is the same on every line, so share one string.
-    return tuple({"from": t["from"], "value": sys.intern(t["value"]) if t["from"] == "human" else t["value"]}
-                 for t in turns)
+    first_human["value"] = sys.intern(first_human["value"])
+    return tuple(turns)
 
 
 def _parse_record(record: Any, malformed: str) -> tuple[str, tuple[dict, ...]]:
@@ -265,33 +298,35 @@ def _parse_record(record: Any, malformed: str) -> tuple[str, tuple[dict, ...]]:
 
 def _read_jsonl(path: Path, root: Path | None, report: DataReport) -> None:
     try:
-        with open(path, "rb") as f:
-            lines = list(enumerate(f, 1))
+        with open(path, "rb") as f:  # bytes: a line that isn't UTF-8 is one malformed line, not an unreadable file
+            _read_records(path, _jsonl_records(path, f, report), MALFORMED_LINE, root, report)
     except OSError as e:
         raise CaptuneError(f"cannot read: {e}", path) from None
-    records = []
-    for lineno, line in lines:
-        if not line.strip():
+
+
+def _jsonl_records(path: Path, lines: Iterable[bytes], report: DataReport) -> Iterator[tuple[str, Any]]:
+    """(location, parsed line) of each non-blank line; the location is "file:line"."""
+    for lineno, line in enumerate(lines, 1):
+        if line.isspace() or not line:
             continue
         try:
-            records.append((f"{path}:{lineno}", json.loads(line)))
+            yield lineno, json.loads(line.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             report.problems.add(MALFORMED_LINE, f"{path}:{lineno}: not valid JSON ({e})")
-    _read_records(path, records, MALFORMED_LINE, root, report)
 
 
-def _read_records(path: Path, records: Iterable[tuple[str, Any]], malformed: str, root: Path | None,
+def _read_records(path: Path, records: Iterable[tuple[int | str, Any]], malformed: str, root: Path | None,
                   report: DataReport) -> None:
-    """InternVL or {"image", "caption"} records; images relative to `root`, else the file's folder or its parent."""
-    entries = []
+    """InternVL or {"image", "caption"} records; images relative to `root`, else the file's folder or its parent.
+
+    `records` are (line number, or location such as " item 3", parsed record), named in problems after the file.
+    """
+    samples = _SampleMaker(path, report, root, [path.parent, path.parent.parent])
     for where, record in records:
         try:
-            entries.append(_parse_record(record, malformed))
+            samples.add(*_parse_record(record, malformed))
         except _Skip as e:
-            report.problems.add(e.kind, f"{where}: {e.reason}")
-    if root is None and entries:
-        root = _guess_root(path, [path.parent, path.parent.parent], entries[0][0], report)
-    _add_samples(root or path.parent, entries, report)
+            report.problems.add(e.kind, f"{path}:{where}: {e.reason}")
 
 
 def _guess_root(path: Path, candidates: Sequence[Path], first_image: str, report: DataReport) -> Path:
@@ -305,13 +340,22 @@ def _guess_root(path: Path, candidates: Sequence[Path], first_image: str, report
     return candidates[0]
 
 
-def _add_samples(root: Path, entries: Iterable[tuple[str, tuple[dict, ...]]], report: DataReport) -> None:
-    paths: dict[str, Path] = {}  # captions of one image share one Path object
-    for image, conversations in entries:
-        absolute = paths.get(image)
+class _SampleMaker:
+    """Appends samples to a report, image paths made absolute against `root`, else against the first candidate
+    folder in which the first image exists."""
+
+    def __init__(self, source: Path, report: DataReport, root: Path | None, candidates: Sequence[Path]):
+        self.source, self.report, self.candidates = source, report, candidates
+        self.root = None if root is None else str(root)
+        self.paths: dict[str, Path] = {}  # the captions of one image share one Path
+
+    def add(self, image: str, conversations: tuple[dict, ...]) -> None:
+        if self.root is None:
+            self.root = str(_guess_root(self.source, self.candidates, image, self.report))
+        absolute = self.paths.get(image)
         if absolute is None:
-            absolute = paths[image] = Path(os.path.abspath(root / image))
-        report.samples.append(Sample(absolute, conversations))
+            absolute = self.paths[image] = Path(os.path.abspath(os.path.join(self.root, image)))
+        self.report.samples.append(Sample(absolute, conversations))
 
 
 def _read_coco_captions(path: Path, data: dict, root: Path | None, report: DataReport) -> None:
@@ -322,18 +366,15 @@ def _read_coco_captions(path: Path, data: dict, root: Path | None, report: DataR
             files[image["id"]] = image["file_name"]
         else:
             report.problems.add(MALFORMED_ENTRY, f'{path}: images[{i}]: needs "id" and "file_name"')
-    entries = []
+    folder = path.parent
+    samples = _SampleMaker(path, report, root, [folder, folder.parent / "train2014", folder.parent / "images"])
     for i, ann in enumerate(data["annotations"]):
         try:
             if not isinstance(ann, dict) or ann.get("image_id") not in files:
                 raise _Skip(MALFORMED_ENTRY, '"image_id" missing or not in "images"')
-            entries.append((files[ann["image_id"]], _conversation(DEFAULT_QUESTION, _caption(ann.get("caption")))))
+            samples.add(files[ann["image_id"]], _conversation(DEFAULT_QUESTION, _caption(ann.get("caption"))))
         except _Skip as e:
             report.problems.add(e.kind, f"{path}: annotations[{i}]: {e.reason}")
-    if root is None and entries:
-        folder = path.parent
-        root = _guess_root(path, [folder, folder.parent / "train2014", folder.parent / "images"], entries[0][0], report)
-    _add_samples(root or path.parent, entries, report)
 
 
 def _karpathy_image_path(image: Any) -> str:
@@ -345,7 +386,7 @@ def _karpathy_image_path(image: Any) -> str:
 
 def _read_karpathy(path: Path, data: dict, root: Path | None, report: DataReport) -> None:
     """Karpathy's dataset_coco.json: splits train + restval, one sample per sentence (566,747 for COCO)."""
-    entries = []
+    samples = _SampleMaker(path, report, root, [path.parent, path.parent.parent])
     for i, image in enumerate(data["images"]):
         try:
             if not isinstance(image, dict) or image.get("split") not in TRAIN_SPLITS:
@@ -360,12 +401,9 @@ def _read_karpathy(path: Path, data: dict, root: Path | None, report: DataReport
         for j, sentence in enumerate(sentences):
             try:
                 raw = sentence.get("raw") if isinstance(sentence, dict) else None
-                entries.append((rel, _conversation(DEFAULT_QUESTION, _caption(raw, "raw"))))
+                samples.add(rel, _conversation(DEFAULT_QUESTION, _caption(raw, "raw")))
             except _Skip as e:
                 report.problems.add(e.kind, f"{path}: images[{i}].sentences[{j}]: {e.reason}")
-    if root is None and entries:
-        root = _guess_root(path, [path.parent, path.parent.parent], entries[0][0], report)
-    _add_samples(root or path.parent, entries, report)
 
 
 def _resolve(value: str, meta_dir: Path) -> Path:

@@ -1,0 +1,198 @@
+"""`captune bench eval|train`: speed on a GPU, the tutorial's way and captune's side by side in one run.
+
+    captune bench eval --tokenizer TOKENIZER_DIR --out runs/bench
+    captune bench train --tokenizer TOKENIZER_DIR --out runs/bench
+
+The model is a randomly initialised InternVL2-2B (the exact architecture: InternViT-300M, InternLM2-1.8B,
+92,553-token vocabulary); speed does not depend on the weights. Images are synthetic 640x480 JPEGs, which
+InternVL2's tiling cuts into 6 tiles + thumbnail, as most COCO images.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import CaptuneError
+
+
+def internvl2_2b_config() -> dict:
+    """The config.json of the OpenGVLab/InternVL2-2B release (the fields the model reads)."""
+    return {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internlm2-chat",
+        "downsample_ratio": 0.5, "dynamic_image_size": True, "force_image_size": 448, "max_dynamic_patch": 12,
+        "min_dynamic_patch": 1, "use_thumbnail": True, "ps_version": "v2", "select_layer": -1,
+        "torch_dtype": "bfloat16",
+        "llm_config": {
+            "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": 92553,
+            "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bias": False,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+        },
+        "vision_config": {
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 1024,
+            "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "num_channels": 3,
+            "image_size": 448, "patch_size": 14, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+            "norm_type": "layer_norm", "qkv_bias": True, "qk_normalization": False, "initializer_factor": 0.1,
+        },
+    }
+
+
+def random_model(device: torch.device, dtype: torch.dtype, image_token_id: int, attn_implementation: str = "sdpa"):
+    from transformers import InternVLForConditionalGeneration
+
+    from .convert import native_config
+
+    config = native_config(internvl2_2b_config(), image_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = InternVLForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.to(dtype).eval()
+
+
+def bench_processor(tokenizer_dir: str | Path | None):
+    """InternLM2's tokenizer when given (the real prompt lengths), else a compact stand-in (ids < 1000)."""
+    from .processor import DEFAULT_QUESTION, Processor
+    from .templates import get_template
+
+    if tokenizer_dir is not None:
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        from .tinymodel import build_compact_tokenizer, tokenizer_corpus
+
+        tokenizer = build_compact_tokenizer(tokenizer_corpus(CAPTION_WORDS, [DEFAULT_QUESTION]), vocab_size=1000)
+    return Processor(tokenizer=tokenizer, template=get_template("internlm2-chat"), tile_size=448, max_tiles=12,
+                     thumbnail=True, tokens_per_tile=256)
+
+
+CAPTION_WORDS = ("a man woman dog cat bus train plate of food sitting standing on the table next to street with "
+                 "two people riding bike near red white blue green large small in front field grass water").split()
+
+
+def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = (640, 480), seed: int = 0) -> list[Path]:
+    """Photo-like noise with shapes, as JPEG files: decoding costs what a COCO image costs."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        im = Image.fromarray(base).resize(size, Image.Resampling.BILINEAR)
+        draw = ImageDraw.Draw(im)
+        for _ in range(5):
+            x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+            draw.ellipse([x, y, x + 120, y + 90], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        path = folder / f"COCO_val2014_{i:012d}.jpg"
+        im.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _cuda_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _caption_run(model, processor, paths: list[Path], batch_size: int, workers: int, tokens: int) -> float:
+    """Wall seconds to caption `paths` end to end: JPEG decoding and tiling in workers, batched generation."""
+    from .evalset import EvalImage
+    from .evaluate import CaptionLog, EvalSettings, generate_captions
+
+    images = [EvalImage(i, p) for i, p in enumerate(paths)]
+    settings = EvalSettings(model="random", test_json="-", max_tiles=6, max_new_tokens=tokens, min_new_tokens=tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = CaptionLog(Path(tmp), 0, False)
+        _cuda_sync(model.device)
+        start = time.perf_counter()
+        generate_captions(model, processor, images, log, settings, batch_size, workers, progress=False)
+        _cuda_sync(model.device)
+        elapsed = time.perf_counter() - start
+        log.close()
+    return elapsed
+
+
+def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24, batch_size: int = 64,
+               workers: int = 8, tokens: int = 30, device: str = "cuda", out: str | None = None) -> dict:
+    """(a) one image at a time, as InternVL's evaluate_caption.py; (b) captune's batched path. Same GPU, same run."""
+    from .model import resolve_device
+
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    processor = bench_processor(tokenizer)
+    model = random_model(dev, dtype, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = synthetic_jpegs(Path(tmp) / "val2014", max(images, baseline_images))
+        n_tiles = processor.tile(paths[0], 6).shape[0]
+        _caption_run(model, processor, paths[:2], 1, 1, tokens)  # warm-up
+        _reset_peak(dev)
+        a = _caption_run(model, processor, paths[:baseline_images], 1, 1, tokens)
+        peak_a = _peak_gb(dev)
+        _caption_run(model, processor, paths[:batch_size], batch_size, workers, tokens)  # warm-up at full size
+        _reset_peak(dev)
+        b = _caption_run(model, processor, paths[:images], batch_size, workers, tokens)
+        peak_b = _peak_gb(dev)
+    result = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "tiles_per_image": n_tiles, "new_tokens": tokens,
+        "a_one_at_a_time": {"images": baseline_images, "seconds": a, "images_per_s": baseline_images / a,
+                            "peak_gb": peak_a},
+        "b_captune": {"images": images, "batch_size": batch_size, "workers": workers, "seconds": b,
+                      "images_per_s": images / b, "peak_gb": peak_b},
+    }
+    result["speedup"] = result["b_captune"]["images_per_s"] / result["a_one_at_a_time"]["images_per_s"]
+    result["coco_test_5000_minutes"] = 5000 / result["b_captune"]["images_per_s"] / 60
+    _report(result, out, "bench_eval.json")
+    return result
+
+
+def _report(result: dict, out: str | None, name: str) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / name).write_text(text + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def coco_like_captions(n_images: int, per_image: int = 5, seed: int = 0) -> list[list[str]]:
+    """Captions of COCO's length (10 to 14 words, ~15 tokens)."""
+    rng = random.Random(seed)
+    return [[" ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(9, 14))).capitalize() + "."
+             for _ in range(per_image)] for _ in range(n_images)]
+
+
+def training_samples(processor, n_images: int, tiles: int, seed: int = 0) -> list[dict]:
+    """Tokenized training samples: (image index, input_ids, labels) of each caption, as the trainer feeds them."""
+    from .processor import DEFAULT_QUESTION
+    from .templates import encode_conversation
+
+    samples = []
+    for i, captions in enumerate(coco_like_captions(n_images, seed=seed)):
+        for caption in captions:
+            conv = [{"from": "human", "value": "<image>\n" + DEFAULT_QUESTION}, {"from": "gpt", "value": caption}]
+            enc = encode_conversation(processor.tokenizer, conv, tiles * processor.tokens_per_tile, processor.template)
+            samples.append({"image_index": i, "input_ids": enc["input_ids"], "labels": enc["labels"]})
+    return samples
