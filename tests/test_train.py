@@ -70,7 +70,7 @@ def test_cli_training_lowers_loss_and_improves_captions(tiny_data, tmp_path, cap
     out = tmp_path / "run"
     code = main(["train", "--model", str(model), "--data", str(root / "train.jsonl"), "--out", str(out),
                  "--recipe", "tiny_cpu_lora", "--max-steps", "24", "--save-every", "12", "--lora-rank", "16",
-                 "--lora-alpha", "32", "--learning-rate", "3e-3", "--global-batch-size", "16"])
+                 "--lora-alpha", "32", "--learning-rate", "3e-3", "--global-batch-size", "16", "--log-every", "1"])
     assert code == 0
     assert "trainable params:" in capsys.readouterr().err + (out / "train.log").read_text()
     losses = [r["loss"] for r in read_log(out)]

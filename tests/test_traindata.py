@@ -19,6 +19,7 @@ from captune.traindata import (
     MISSING_IMAGE,
     OVER_LONG,
     TRUNCATED_IMAGE,
+    TUTORIAL_JSONL,
     UNREADABLE_IMAGE,
     Problems,
     Sample,
@@ -27,6 +28,7 @@ from captune.traindata import (
     data_coco_command,
     format_problems,
     make_length_fn,
+    model_template,
     read_training_data,
     write_coco_annotations,
 )
@@ -115,8 +117,10 @@ def test_coco_captions_file_finds_train2014(coco: Path):
     path.parent.mkdir()
     path.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
-        "annotations": [{"image_id": 1, "caption": "A cat.", "id": 10}, {"image_id": 2, "caption": "A dog.\n", "id": 11},
-                        {"image_id": 1, "caption": "Another cat.", "id": 12}, {"image_id": 9, "caption": "?", "id": 13}],
+        "annotations": [{"image_id": 1, "caption": "A cat.", "id": 10},
+                        {"image_id": 2, "caption": "A dog.\n", "id": 11},
+                        {"image_id": 1, "caption": "Another cat.", "id": 12},
+                        {"image_id": 9, "caption": "?", "id": 13}],
     }))
     report = read_training_data(path)
     assert [s.caption for s in report.samples] == ["A cat.", "A dog.", "Another cat."]
@@ -184,7 +188,7 @@ def test_meta_file_relative_to_its_folder_and_repeat_time(coco: Path, tmp_path: 
 
 def test_meta_file_prefers_the_current_folder(coco: Path, tmp_path: Path, monkeypatch):
     # As InternVL's shell/data/coco_caption.json: paths relative to the folder training runs from.
-    write_jsonl(coco / "annotations" / "coco_karpathy_train_567k.jsonl", [internvl_line(0, "train2014/a.jpg", "A cat.")])
+    write_jsonl(coco / "annotations" / TUTORIAL_JSONL, [internvl_line(0, "train2014/a.jpg", "A cat.")])
     meta = write_meta(tmp_path / "shell" / "data" / "coco_caption.json", {"coco_karpathy_train_567k": {
         "root": "coco/", "annotation": "coco/annotations/coco_karpathy_train_567k.jsonl", "data_augment": False,
         "repeat_time": 1, "length": 2}})
@@ -206,7 +210,7 @@ def test_meta_file_errors(coco: Path):
 
 
 def test_folder_tutorial_layout(coco: Path):
-    write_jsonl(coco / "annotations" / "coco_karpathy_train_567k.jsonl", [internvl_line(0, "train2014/a.jpg", "A cat.")])
+    write_jsonl(coco / "annotations" / TUTORIAL_JSONL, [internvl_line(0, "train2014/a.jpg", "A cat.")])
     write_jsonl(coco / "annotations" / "other.jsonl", [internvl_line(0, "train2014/b.jpg", "Other.")])
     report = read_training_data(coco)
     assert [(s.image, s.caption) for s in report.samples] == [(coco / "train2014" / "a.jpg", "A cat.")]
@@ -257,6 +261,16 @@ def test_malformed_lines_and_empty_captions_are_counted_and_skipped(coco: Path):
     assert "2 empty captions (e.g." in text
 
 
+def test_a_line_that_is_not_utf8_is_one_malformed_line(coco: Path):
+    jsonl = coco / "latin1.jsonl"
+    good = json.dumps({"image": "train2014/a.jpg", "caption": "A cat."}).encode()
+    latin1 = '{"image": "a.jpg", "caption": "caf\u00e9"}'.encode("latin-1")
+    jsonl.write_bytes(b"\n".join([good, latin1, good]) + b"\n")
+    report = read_training_data(jsonl)
+    assert len(report.samples) == 2
+    assert report.problems.examples[MALFORMED_LINE][0].startswith(f"{jsonl}:2: not valid JSON")
+
+
 def test_unknown_format_and_unreadable_file(tmp_path: Path):
     odd = tmp_path / "odd.json"
     odd.write_text(json.dumps({"hello": 1}))
@@ -282,7 +296,8 @@ def test_unknown_format_and_unreadable_file(tmp_path: Path):
 
 def mixed_samples(coco: Path) -> list[Sample]:
     def sample(name: str, caption: str) -> Sample:
-        return Sample(coco / "train2014" / name, ({"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": caption}))
+        turns = ({"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": caption})
+        return Sample(coco / "train2014" / name, turns)
 
     return [sample("a.jpg", "a1"), sample("missing.jpg", "m1"), sample("b.jpg", "b1"), sample("trunc.jpg", "t1"),
             sample("text.jpg", "x1"), sample("a.jpg", "a2"), sample("trunc.jpg", "t2"), sample("b.jpg", "b2")]
@@ -370,7 +385,8 @@ def test_write_coco_annotations_round_trip(coco: Path, tmp_path: Path):
                     {"image": "val2014/c.jpg", "caption": ["A bird."]}]
     gt = COCO(str(paths["test_gt"]))
     assert sorted(gt.getImgIds()) == [4, 391895]
-    assert sorted(a["caption"] for a in gt.loadAnns(gt.getAnnIds(imgIds=[391895]))) == ["A cyclist.", "A man on a bike."]
+    captions = sorted(a["caption"] for a in gt.loadAnns(gt.getAnnIds(imgIds=[391895])))
+    assert captions == ["A cyclist.", "A man on a bike."]
     assert sorted(gt.getAnnIds()) == [1, 2, 3]
     result = gt.loadRes([{"image_id": 391895, "caption": "a man"}])
     assert result.getImgIds() == [391895]
@@ -422,3 +438,18 @@ def test_make_length_fn_counts_image_tokens_once_each():
     length = make_length_fn("TOK", "internlm2-chat", fake_encode)
     assert length(sample, 7) == 6 + 7 * 256  # 6 words + 1 image token, less 1
     assert seen == [("TOK", 1, "internlm2-chat")]
+
+
+def test_model_template(tmp_path: Path):
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "config.json").write_text(json.dumps({"template": "internlm2-chat"}))
+    assert model_template(original) == "internlm2-chat"
+    native = tmp_path / "native"
+    native.mkdir()
+    (native / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    (native / "internvl_config.json").write_text(json.dumps({"template": "Hermes-2"}))
+    assert model_template(native) == "Hermes-2"
+    (native / "internvl_config.json").unlink()
+    with pytest.warns(UserWarning, match="assuming 'internvl2_5'"):
+        assert model_template(native) == "internvl2_5"

@@ -8,6 +8,7 @@ predict, -100 where none) and its counts, so other layouts (several captions sha
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, fields
 from typing import Any
@@ -109,3 +110,80 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     for start in range(0, len(order), mega):
         grouped += sorted(order[start : start + mega], key=lambda i: -lengths[i])
     return grouped
+
+
+class Schedule:
+    """Which units each process reads at each optimizer step, for any number of epochs.
+
+    A unit is one caption sample, or, when sharing prefixes, one image group (an image and all its captions).
+    Without sharing, a step is `global_batch_size` captions in micro-batches of `per_device_batch_size`; with
+    sharing, a step is whole images up to `global_batch_size` captions, each process packing its images into
+    micro-batches of at most `token_budget` tokens. Either way a step's units do not depend on the number of
+    processes, so neither does its loss.
+    """
+
+    def __init__(self, lengths: list[int], captions: list[int], config, world_size: int, shared: bool):
+        self.lengths, self.captions, self.config, self.world, self.shared = lengths, captions, config, world_size, shared
+        if not shared:
+            per_step = config.per_device_batch_size * world_size
+            if config.global_batch_size % per_step:
+                raise CaptuneError(f"--global-batch-size {config.global_batch_size} is not a multiple of "
+                                   f"--per-device-batch-size x processes = {per_step}")
+        self.accumulation = max(1, config.global_batch_size // (config.per_device_batch_size * world_size))
+        self.steps_per_epoch = len(self._epoch_steps(0))
+        if self.steps_per_epoch == 0:
+            raise CaptuneError(f"only {sum(captions)} training captions: fewer than one global batch "
+                               f"({config.global_batch_size}); lower --global-batch-size")
+        self.total_steps = (config.max_steps if config.max_steps > 0
+                            else math.ceil(config.epochs * self.steps_per_epoch))
+        self._cache: dict[int, list[list[list[list[int]]]]] = {}
+
+    def _epoch_steps(self, epoch: int) -> list[list[int]]:
+        """The units of each step of an epoch."""
+        order = epoch_order(self.lengths, self.config.per_device_batch_size, self.config.seed, epoch,
+                            self.config.group_by_length and not self.shared)
+        steps, current, count = [], [], 0
+        for unit in order:
+            current.append(unit)
+            count += self.captions[unit]
+            if count >= self.config.global_batch_size:
+                steps.append(current)
+                current, count = [], 0
+        return steps
+
+    def _split(self, units: list[int]) -> list[list[list[int]]]:
+        """Per process, its micro-batches of one step."""
+        if not self.shared:
+            size = self.config.per_device_batch_size
+            batches = [units[i : i + size] for i in range(0, len(units), size)]
+            return [batches[r :: self.world] for r in range(self.world)]
+        plans = []
+        for r in range(self.world):
+            mine, batches, current, tokens = units[r :: self.world], [], [], 0
+            for unit in mine:
+                if current and tokens + self.lengths[unit] > self.config.token_budget:
+                    batches.append(current)
+                    current, tokens = [], 0
+                current.append(unit)
+                tokens += self.lengths[unit]
+            if current:
+                batches.append(current)
+            if not batches:
+                raise CaptuneError(f"a step has fewer images than processes ({self.world}); "
+                                   "raise --global-batch-size")
+            plans.append(batches)
+        return plans
+
+    def plan(self, step: int) -> list[list[list[int]]]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: [self._split(units) for units in self._epoch_steps(epoch)]}
+        return self._cache[epoch][k]
+
+    def micro_batches(self, rank: int, step: int) -> int:
+        return len(self.plan(step)[rank])
+
+    def for_rank(self, rank: int, start_step: int):
+        """This process's micro-batches from `start_step` on, in the order the loop consumes them."""
+        for step in range(start_step, self.total_steps):
+            yield from self.plan(step)[rank]

@@ -44,12 +44,13 @@ def internvl2_2b_config() -> dict:
     }
 
 
-def random_model(device: torch.device, dtype: torch.dtype, image_token_id: int, attn_implementation: str = "sdpa"):
+def random_model(device: torch.device, dtype: torch.dtype, image_token_id: int, attn_implementation: str = "sdpa",
+                 model_config: dict | None = None):
     from transformers import InternVLForConditionalGeneration
 
     from .convert import native_config
 
-    config = native_config(internvl2_2b_config(), image_token_id)
+    config = native_config(model_config or internvl2_2b_config(), image_token_id)
     torch.manual_seed(0)
     with torch.device(device):
         model = InternVLForConditionalGeneration(config)
@@ -133,14 +134,16 @@ def _caption_run(model, processor, paths: list[Path], batch_size: int, workers: 
 
 
 def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24, batch_size: int = 64,
-               workers: int = 8, tokens: int = 30, device: str = "cuda", out: str | None = None) -> dict:
+               workers: int = 8, tokens: int = 30, device: str = "cuda", out: str | None = None,
+               model_config: dict | None = None) -> dict:
     """(a) one image at a time, as InternVL's evaluate_caption.py; (b) captune's batched path. Same GPU, same run."""
     from .model import resolve_device
 
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     processor = bench_processor(tokenizer)
-    model = random_model(dev, dtype, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    model = random_model(dev, dtype, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                         model_config=model_config)
     with tempfile.TemporaryDirectory() as tmp:
         paths = synthetic_jpegs(Path(tmp) / "val2014", max(images, baseline_images))
         n_tiles = processor.tile(paths[0], 6).shape[0]
@@ -196,3 +199,128 @@ def training_samples(processor, n_images: int, tiles: int, seed: int = 0) -> lis
             enc = encode_conversation(processor.tokenizer, conv, tiles * processor.tokens_per_tile, processor.template)
             samples.append({"image_index": i, "input_ids": enc["input_ids"], "labels": enc["labels"]})
     return samples
+
+
+def _flops_per_step(model, batch, vision_tokens: int) -> float:
+    """Model FLOPs of one LoRA step: the LLM forward and the backward through its activations (4 x params x
+    tokens, the frozen weights get no gradient) plus attention, and the frozen vision tower's forward."""
+    lm = model.model.language_model
+    cfg = lm.config
+    n_llm = sum(p.numel() for p in lm.parameters()) + model.lm_head.weight.numel() * 0  # head: supervised rows only
+    tokens = int((batch.input_ids != -1).sum())
+    attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * tokens * tokens / batch.input_ids.shape[0] / 2
+    n_vis = sum(p.numel() for p in model.model.vision_tower.parameters())
+    return 4 * n_llm * tokens + 3 * attn + 2 * n_vis * vision_tokens
+
+
+def _time_training(loss_module, optimizer, batches, device, warmup: int, steps: int) -> tuple[float, float]:
+    """Seconds per micro-batch (forward, backward, optimizer step), and peak GB."""
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def one(batch):
+        with autocast:
+            loss = loss_module(batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids,
+                               batch.pixel_values)
+        (loss / batch.num_tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        one(batches[i % len(batches)])
+    _cuda_sync(device)
+    _reset_peak(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        one(batches[i % len(batches)])
+    _cuda_sync(device)
+    return (time.perf_counter() - start) / steps, _peak_gb(device)
+
+
+def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, batch_size: int = 4,
+                budgets: tuple[int, ...] = (8192, 16384), device: str = "cuda", out: str | None = None,
+                peak_tflops: float = 989.0, model_config: dict | None = None) -> dict:
+    """(a) the tutorial's way: one caption per sample, batch 4, gradient checkpointing, full logits;
+    (b) captune's default: each image once for its five captions, packed rows, FlexAttention, logits only where
+    there is a loss; with and without gradient checkpointing. Same GPU, same run."""
+    from .batching import collate_separate
+    from .lora import add_lora
+    from .model import resolve_device
+    from .packing import collate_shared
+    from .train import CaptionLoss
+
+    dev = resolve_device(device)
+    processor = bench_processor(tokenizer)
+    model = random_model(dev, torch.bfloat16, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                         model_config=model_config)
+    peft = add_lora(model, rank=128, alpha=256, dropout=0.05)
+    for p in peft.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-5)
+    tiles = 7
+    n_images = max(8, max(budgets) // 1900 + 1)
+    samples = training_samples(processor, n_images, tiles)
+    pixels = [torch.randn(tiles, 3, 448, 448) for _ in range(n_images)]
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "trainable_params": trainable, "tiles_per_image": tiles,
+              "mean_caption_tokens": sum(sum(1 for x in s["labels"] if x != -100) for s in samples) / len(samples),
+              "prompt_tokens": sum(1 for x in samples[0]["labels"] if x == -100), "variants": {}}
+
+    def record(name, batches, loss_module, checkpointing):
+        net = loss_module.net
+        if checkpointing:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            net.gradient_checkpointing_disable()
+        peft.train()
+        batches = [b.to(dev, torch.bfloat16) for b in batches]
+        try:
+            seconds, peak = _time_training(loss_module, optimizer, batches, dev, warmup, steps)
+        except torch.cuda.OutOfMemoryError:
+            result["variants"][name] = {"error": "out of memory"}
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return
+        b = batches[0]
+        captions = sum(x.num_captions for x in batches) / len(batches)
+        tokens = sum(int(x.input_ids.numel()) for x in batches) / len(batches)
+        flops = sum(_flops_per_step(net, x, x.pixel_values.shape[0] * 1025) for x in batches) / len(batches)
+        rate = captions / seconds
+        result["variants"][name] = {
+            "captions_per_microbatch": captions, "tokens_per_microbatch": tokens, "seconds_per_microbatch": seconds,
+            "caption_samples_per_s": rate, "tokens_per_s": tokens / seconds,
+            "mfu": flops / seconds / (peak_tflops * 1e12), "peak_gb": peak,
+            "coco_epoch_hours": 566_747 / rate / 3600, "rows": int(b.input_ids.shape[0]),
+            "gradient_checkpointing": checkpointing,
+        }
+        print(name, json.dumps(result["variants"][name]), flush=True)
+
+    # (a) the tutorial: 4 captions per micro-batch, each with its image, checkpointing, full logits, SDPA
+    items = [{"input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels[s["image_index"]]}
+             for s in samples]
+    separate = [collate_separate(items[i : i + batch_size], processor.pad_token_id)
+                for i in range(0, 4 * batch_size, batch_size)]
+    peft.base_model.model.model.language_model.set_attn_implementation("sdpa")
+    record("a_tutorial", separate, CaptionLoss(peft, full_logits=True), checkpointing=True)
+    record("a_tutorial_no_ckpt_supervised_logits", separate, CaptionLoss(peft), checkpointing=False)
+
+    # (b) captune: whole images, five captions each, packed up to a token budget, FlexAttention
+    groups = {}
+    for s in samples:
+        groups.setdefault(s["image_index"], []).append(s)
+    group_items = [{"pixel_values": pixels[i], "encodings": g} for i, g in groups.items()]
+    if dev.type == "cuda":
+        peft.base_model.model.model.language_model.set_attn_implementation("flex_attention")
+    for budget in budgets:
+        per_batch = max(1, budget // 1900)
+        packed = [collate_shared(group_items[i : i + per_batch], processor.pad_token_id, budget)
+                  for i in range(0, len(group_items) - per_batch + 1, per_batch)]
+        for ckpt in (False, True):
+            record(f"b_shared_{budget}{'_ckpt' if ckpt else ''}", packed, CaptionLoss(peft), checkpointing=ckpt)
+    base = result["variants"].get("a_tutorial", {}).get("caption_samples_per_s")
+    for v in result["variants"].values():
+        if base and "caption_samples_per_s" in v:
+            v["speedup_vs_a"] = v["caption_samples_per_s"] / base
+    _report(result, out, "bench_train.json")
+    return result

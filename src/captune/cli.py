@@ -6,6 +6,7 @@
     captune score RESULTS GT              score any captions file with the official COCO metrics
     captune train --model M --data D --out OUT [--recipe R] [--key value ...]   LoRA fine-tuning
     captune data coco|check|synthetic     prepare, validate or make training data
+    captune bench eval|train              GPU speed, the tutorial's way and captune's, side by side
 
 Each sub-command is a plain typed function; `main` only parses arguments and turns user errors
 (`CaptuneError`) into one line on stderr and exit status 2, without a traceback.
@@ -130,6 +131,23 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=None, metavar=f.name.split("_")[-1].upper(), help=f"(default {default})")
 
 
+def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24, batch_size: int = 64,
+               workers: int = 8, device: str = "cuda", out: str | None = None) -> dict:
+    """Images/s of captioning one image at a time (the original) and batched (captune), same GPU, same run."""
+    from .bench import bench_eval as run
+
+    return run(tokenizer, images=images, baseline_images=baseline_images, batch_size=batch_size, workers=workers,
+               device=device, out=out)
+
+
+def bench_train(tokenizer: str | None = None, steps: int = 8, budgets: str = "8192,16384", device: str = "cuda",
+                out: str | None = None) -> dict:
+    """Caption-samples/s of the tutorial's training and of shared-prefix packing, same GPU, same run."""
+    from .bench import bench_train as run
+
+    return run(tokenizer, steps=steps, budgets=tuple(int(b) for b in budgets.split(",")), device=device, out=out)
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", default=None, help="default: the tutorial's caption question")
     p.add_argument("--max-tiles", type=int, default=6, help="dynamic tiling: at most this many 448px tiles (+ thumbnail)")
@@ -206,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=None)
     q.add_argument("--image-root", default=None)
     q.set_defaults(func=lambda a: data_check(a.data, a.model, a.max_tiles, a.max_seq_length, a.workers, a.image_root))
+
+    p = sub.add_parser("bench", help="GPU speed: the tutorial's way and captune's side by side (random weights)")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    q = bench_sub.add_parser("eval", help="captioning: one image at a time vs batched, end to end")
+    q.add_argument("--tokenizer", help="an InternLM2 tokenizer folder (default: a compact stand-in)")
+    q.add_argument("--images", type=int, default=640)
+    q.add_argument("--baseline-images", type=int, default=24)
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--workers", type=int, default=8)
+    q.add_argument("--device", default="cuda")
+    q.add_argument("--out", default=None, help="folder for bench_eval.json")
+    q.set_defaults(func=lambda a: bench_eval(a.tokenizer, a.images, a.baseline_images, a.batch_size, a.workers,
+                                             a.device, a.out))
+    q = bench_sub.add_parser("train", help="training: one caption per sample vs shared-prefix packing")
+    q.add_argument("--tokenizer", help="an InternLM2 tokenizer folder (default: a compact stand-in)")
+    q.add_argument("--steps", type=int, default=8)
+    q.add_argument("--budgets", default="8192,16384", help="token budgets per packed micro-batch to try")
+    q.add_argument("--device", default="cuda")
+    q.add_argument("--out", default=None, help="folder for bench_train.json")
+    q.set_defaults(func=lambda a: bench_train(a.tokenizer, a.steps, a.budgets, a.device, a.out))
 
     p = sub.add_parser("convert", help="convert a checkpoint between the original and the native layout")
     p.add_argument("src")

@@ -536,7 +536,8 @@ def _convert_to_hf(ckpt: Checkpoint, tmp: Path) -> None:
         raise CaptuneError("the checkpoint has no lm_head / output weight and the LLM does not tie embeddings", ckpt.path)
 
     _write_shards(ckpt, tmp, lambda shard: iter_native_tensors(ckpt, shard, keymap))
-    write_native_config(tmp, cfg, image_token_id, tie, cfg.get("torch_dtype") or cfg["llm_config"].get("torch_dtype"))
+    dtype = cfg.get("torch_dtype") or cfg["llm_config"].get("torch_dtype")
+    write_native_config(tmp, cfg, image_token_id, tie, dtype)
     if tokenizer is not None:
         write_tokenizer_files(tmp, tokenizer, cfg)
 

@@ -89,7 +89,7 @@ class Adapter:
 
     path: Path
     config: dict
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # weight -> (A [r, in], B [out, r])
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # weight -> (A [r,in], B [out,r])
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> the adapter's copy (modules_to_save)
 
     @property

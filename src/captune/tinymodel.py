@@ -114,6 +114,10 @@ def write_tiny_model(out: str | Path, tokenizer, spec: TinySpec = TinySpec(), se
     config = internvl_config(spec, len(tokenizer), ids)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(native_config(config, ids["<IMG_CONTEXT>"]))
+    # Trained LMs have an output layer that can make peaked distributions; with transformers' default init
+    # (std 0.02) a frozen head caps what LoRA can learn, so scale it as a trained model's.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, spec.llm_hidden**-0.5)
     save_file(original_state_dict(model, config), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(out)

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from . import config as cfg
 from . import distributed
-from .batching import CaptionTrainDataset, TrainBatch, collate_separate, epoch_order
+from .batching import CaptionTrainDataset, Schedule, TrainBatch, collate_separate
+from .packing import GroupDataset, PrefixSharing, collate_shared, group_samples, should_share
 from .checkpointing import (
     checkpoint_name,
     latest_checkpoint,
@@ -57,6 +58,9 @@ class CaptionLoss(nn.Module):
 
     def forward(self, input_ids, targets, attention_mask, position_ids, pixel_values) -> torch.Tensor:
         net = self.net
+        if isinstance(attention_mask, PrefixSharing):
+            flex = net.config.text_config._attn_implementation == "flex_attention"
+            attention_mask = attention_mask.block_mask() if flex else attention_mask.dense()
         hidden = net.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state  # [B, T, D]
@@ -73,71 +77,37 @@ class CaptionLoss(nn.Module):
         return total
 
 
-def micro_batches(order: list[int], size: int) -> list[list[int]]:
-    return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
-
-
-class Schedule:
-    """Which micro-batches each process reads at each optimizer step, for any number of epochs."""
-
-    def __init__(self, lengths: list[int], config: cfg.TrainConfig, world_size: int):
-        self.lengths, self.config, self.world = lengths, config, world_size
-        per_step = config.per_device_batch_size * world_size
-        if config.global_batch_size % per_step:
-            raise CaptuneError(f"--global-batch-size {config.global_batch_size} is not a multiple of "
-                               f"--per-device-batch-size x processes = {per_step}")
-        self.accumulation = config.global_batch_size // per_step
-        self.steps_per_epoch = len(lengths) // config.global_batch_size
-        if self.steps_per_epoch == 0:
-            raise CaptuneError(f"only {len(lengths)} training captions: fewer than one global batch "
-                               f"({config.global_batch_size}); lower --global-batch-size")
-        total = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * self.steps_per_epoch)
-        self.total_steps = total
-        self._epoch_cache: dict[int, list[list[int]]] = {}
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._epoch_cache:
-            order = epoch_order(self.lengths, self.config.per_device_batch_size, self.config.seed, epoch,
-                                self.config.group_by_length)
-            self._epoch_cache = {epoch: micro_batches(order, self.config.per_device_batch_size)}
-        return self._epoch_cache[epoch]
-
-    def for_rank(self, rank: int, start_step: int):
-        """This process's micro-batches from `start_step` on, in the order the loop consumes them."""
-        for step in range(start_step, self.total_steps):
-            epoch, k = divmod(step, self.steps_per_epoch)
-            batches = self.epoch_batches(epoch)
-            first = k * self.accumulation * self.world
-            for a in range(self.accumulation):
-                yield batches[first + a * self.world + rank]
-
-
 class _Collate:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, shared: bool, token_budget: int):
+        self.pad_token_id, self.shared, self.token_budget = pad_token_id, shared, token_budget
 
     def __call__(self, items):
-        return collate_separate(items, self.pad_token_id), [it for it in items if "error" in it]
+        errors = [it for it in items if "error" in it]
+        if self.shared:
+            return collate_shared(items, self.pad_token_id, self.token_budget), errors
+        return collate_separate(items, self.pad_token_id), errors
 
 
-def _sample_lengths(samples, processor, max_tiles: int) -> list[int]:
-    """Approximate token lengths for grouping: image tokens from the image header, plus the caption's characters."""
+PROMPT_TOKENS = 60  # system message, question and role tokens around the image (InternLM2 tokenizer)
+
+
+def _unit_lengths(samples, groups, processor, max_tiles: int) -> list[int]:
+    """Approximate tokens of each unit, for grouping and packing: the image's tiles (from its header), the
+    prompt, and about a token per 4 characters of each caption."""
     from PIL import Image
 
     from .tiling import tile_grid
 
-    tiles: dict[str, int] = {}
     lengths = []
-    for s in samples:
-        key = str(s.image)
-        if key not in tiles:
-            try:
-                with Image.open(s.image) as im:
-                    c, r = tile_grid(*im.size, max_tiles=max_tiles, tile_size=processor.tile_size)
-                tiles[key] = c * r + (1 if processor.thumbnail and c * r > 1 else 0)
-            except Exception:
-                tiles[key] = 1
-        lengths.append(tiles[key] * processor.tokens_per_tile + len(s.caption) // 4)
+    for g in groups:
+        try:
+            with Image.open(g.image) as im:
+                c, r = tile_grid(*im.size, max_tiles=max_tiles, tile_size=processor.tile_size)
+            tiles = c * r + (1 if processor.thumbnail and c * r > 1 else 0)
+        except Exception:
+            tiles = 1
+        captions = sum(len(samples[i].caption) // 4 + 2 for i in g.members)
+        lengths.append(tiles * processor.tokens_per_tile + PROMPT_TOKENS + captions)
     return lengths
 
 
@@ -336,10 +306,18 @@ def train(config: cfg.TrainConfig) -> Path:
 
             resolve_eval_set(config.eval_data or config.data, limit=1)  # fail now, not hours into the run
         samples = load_training_samples(config, processor, log)
-        schedule = Schedule(_sample_lengths(samples, processor, config.max_tiles), config, ctx.world_size)
-        log.info(f"{len(samples):,} captions, {schedule.steps_per_epoch:,} steps per epoch, {schedule.total_steps:,} "
-                 f"steps, gradient accumulation {schedule.accumulation}")
+        shared = should_share(samples, config.share_prefix)
+        groups = group_samples(samples, shared)
+        schedule = Schedule(_unit_lengths(samples, groups, processor, config.max_tiles),
+                            [len(g.members) for g in groups], config, ctx.world_size, shared)
+        log.info(f"{len(samples):,} captions of {len({str(g.image) for g in groups}):,} images, "
+                 f"{schedule.steps_per_epoch:,} steps per epoch, {schedule.total_steps:,} steps, "
+                 + (f"shared prefixes: {len(groups):,} image groups packed into rows of <= {config.token_budget} tokens"
+                    if shared else f"gradient accumulation {schedule.accumulation}"))
 
+        if shared and ctx.device.type == "cuda":
+            # FlexAttention skips the masked-out blocks; on the CPU (no FlexAttention backward) SDPA takes the mask dense
+            model.base_model.model.model.language_model.set_attn_implementation("flex_attention")
         loss_module = CaptionLoss(model)
         wrapped = _wrap(loss_module, ctx, config, torch_dtype)
         optimizer = _optimizer(wrapped, config)
@@ -352,9 +330,11 @@ def train(config: cfg.TrainConfig) -> Path:
             if ctx.is_main:
                 _truncate_log(out, start_step)
 
-        dataset = CaptionTrainDataset(samples, processor, config.max_tiles, config.max_seq_length)
+        dataset = (GroupDataset(samples, groups, processor, config.max_tiles, config.max_seq_length) if shared
+                   else CaptionTrainDataset(samples, processor, config.max_tiles, config.max_seq_length))
         loader = DataLoader(dataset, batch_sampler=list(schedule.for_rank(ctx.rank, start_step)),
-                            num_workers=config.num_workers, collate_fn=_Collate(processor.pad_token_id),
+                            num_workers=config.num_workers,
+                            collate_fn=_Collate(processor.pad_token_id, shared, config.token_budget),
                             pin_memory=ctx.device.type == "cuda",
                             prefetch_factor=4 if config.num_workers > 0 else None)
         batches = iter(loader)
@@ -371,9 +351,9 @@ def train(config: cfg.TrainConfig) -> Path:
         for step in range(start_step, schedule.total_steps):
             t0 = time.perf_counter()
             micro: list[TrainBatch] = []
-            for _ in range(schedule.accumulation):
+            for _ in range(schedule.micro_batches(ctx.rank, step)):
                 batch, errors = next(batches)
-                skipped_total += len(errors)
+                skipped_total += sum(e.get("captions", 1) for e in errors)
                 for e in errors:
                     log.info(f"skipped a sample: {e['error']}")
                 if batch is not None:

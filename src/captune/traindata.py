@@ -23,6 +23,8 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,7 +160,8 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _find_in_folder(folder: Path, root: Path | None) -> tuple[Path, Path | None]:
-    """The tutorial's DIR/annotations/coco_karpathy_train_567k.jsonl, else the one meta json or jsonl there or in DIR."""
+    """The tutorial's DIR/annotations/coco_karpathy_train_567k.jsonl, else the one meta json or jsonl in
+    DIR/annotations or DIR."""
     tutorial = folder / "annotations" / TUTORIAL_JSONL
     if tutorial.is_file():
         return tutorial, root or folder
@@ -227,7 +230,8 @@ def _is_karpathy(data: Any) -> bool:
 
 
 def _conversation(question: str, caption: str) -> tuple[dict, ...]:
-    return ({"from": "human", "value": sys.intern(f"{IMAGE_PLACEHOLDER}\n{question}")}, {"from": "gpt", "value": caption})
+    human = sys.intern(f"{IMAGE_PLACEHOLDER}\n{question}")
+    return {"from": "human", "value": human}, {"from": "gpt", "value": caption}
 
 
 def _caption(value: Any, name: str = "caption") -> str:
@@ -259,7 +263,7 @@ def _check_any_conversation(turns: Any) -> tuple[dict, ...]:
         raise _Skip(MALFORMED_LINE, '"conversations" must be a non-empty list')
     roles, images, first_human = [], 0, None
     for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             raise _Skip(MALFORMED_LINE, 'every turn needs string "from" and "value"')
         roles.append(turn["from"])
         images += turn["value"].count(IMAGE_PLACEHOLDER)
@@ -511,12 +515,17 @@ def _short_enough(sample: Sample, size: tuple[int, int], length_fn: LengthFn, ma
 def _inspect_images(images: list[Path], decode: bool, workers: int, progress: bool) -> dict[Path, tuple]:
     inspect = functools.partial(_inspect_image, decode=decode)
     bar = functools.partial(tqdm, total=len(images), desc="checking images", unit="image", disable=not progress)
-    if workers <= 0 or len(images) < 2:
-        return dict(zip(images, bar(map(inspect, images)), strict=True))
-    chunksize = max(1, min(256, len(images) // (workers * 8)))
-    # spawn: no fork of a process that may hold threads (tokenizers, torch) or a CUDA context.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return dict(zip(images, bar(pool.imap(inspect, images, chunksize=chunksize)), strict=True))
+    if workers > 0 and len(images) > 1:
+        chunksize = max(1, min(256, len(images) // (workers * 8)))
+        # spawn: never fork a process that may hold threads (tokenizers, torch) or a CUDA context. Unlike
+        # multiprocessing.Pool, the executor fails instead of hanging when its workers cannot start (a script read
+        # from stdin, say); then the images are checked here.
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return dict(zip(images, bar(pool.map(inspect, images, chunksize=chunksize)), strict=True))
+        except BrokenProcessPool:
+            warnings.warn("image-checking workers failed to start; checking in this process", stacklevel=3)
+    return dict(zip(images, bar(map(inspect, images)), strict=True))
 
 
 def _inspect_image(path: Path, decode: bool) -> tuple[str | None, str, tuple[int, int] | None]:

@@ -1,0 +1,31 @@
+"""GPU-only checks, run on the device machine (`pytest -m gpu`); they skip where there is no CUDA GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_flex_attention_training_step_equals_dense_sdpa(tmp_path):
+    """The FlexAttention path (BlockMask, with its backward) gives the loss and LoRA gradients of the plain
+    SDPA path with the same mask as a dense tensor."""
+    import test_packing as tp
+    from captune.packing import GroupDataset, collate_shared, group_samples
+
+    samples, processor, peft = tp.build_setup(tmp_path)
+    peft.cuda()
+    groups = group_samples(samples, share=True)
+    dataset = GroupDataset(samples, groups, processor, 6, 4096)
+    batch = collate_shared([dataset[g] for g in range(len(groups))], processor.pad_token_id, 10_000)
+    batch = batch.to(torch.device("cuda"), torch.float32)
+    lm = peft.base_model.model.model.language_model
+    lm.set_attn_implementation("sdpa")
+    loss_a, grads_a = tp.loss_and_grads(peft, batch)
+    lm.set_attn_implementation("flex_attention")
+    loss_b, grads_b = tp.loss_and_grads(peft, batch)
+    lm.set_attn_implementation("sdpa")
+    assert tp.rel(loss_b, loss_a) < 1e-4
+    for name in grads_a:
+        assert tp.rel(grads_b[name], grads_a[name]) < 1e-3, name

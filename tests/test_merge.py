@@ -1,0 +1,341 @@
+"""`captune merge`: the merged model computes what base + adapter computes, in both layouts, written safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import captune
+from captune.errors import CaptuneError
+from captune.lora import add_lora
+from captune.merge import merge, merge_command, verify_merge, verify_merge_command
+from tiny import IMAGE_TOKEN_ID, write_original_checkpoint
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+def rel_err(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return ((other.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+def without_dtype(cfg):
+    if isinstance(cfg, dict):
+        return {k: without_dtype(v) for k, v in cfg.items() if k != "torch_dtype"}
+    return cfg
+
+
+def make_adapter(base: Path, folder: Path, image_token_id: int | None = None, rslora: bool = False,
+                 projector: bool = True) -> Path:
+    """An adapter as `captune train` saves it, with random (non-zero) B matrices so that merging changes things."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = captune.load(base, dtype="fp32", image_token_id=image_token_id)
+    peft = add_lora(model, rank=4, alpha=8, dropout=0.0, vision=True, train_projector=projector)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "modules_to_save" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    config = peft.peft_config["default"]
+    config.base_model_name_or_path = str(Path(base).resolve())
+    config.use_rslora = rslora
+    peft.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mini(fixtures) -> Path:
+    return fixtures / "models" / "internvl2_2b_mini"
+
+
+@pytest.fixture(scope="module")
+def adapter(mini, tmp_path_factory) -> Path:
+    return make_adapter(mini, tmp_path_factory.mktemp("adapter") / "checkpoint-000010")
+
+
+@pytest.fixture(scope="module")
+def merged(adapter, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One float32 merge in both layouts, shared by the tests that only read it."""
+    lines: list[str] = []
+    out = merge(adapter, tmp_path_factory.mktemp("merged") / "both", format="both", dtype="fp32", log=lines.append)
+    return out, lines
+
+
+@pytest.fixture(scope="module")
+def reference(mini, adapter):
+    """Probe inputs and the adapter's logits: base + PEFT, unmerged (independent of captune.merge)."""
+    from peft import PeftModel
+
+    from captune.tiling import tile_image
+
+    model, processor = captune.load(mini, dtype="fp32")
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 448, 448, generator=gen).mul(255).byte().permute(1, 2, 0).numpy()
+    pixel_values = tile_image(Image.fromarray(image), max_tiles=1)
+    ids = torch.tensor([processor.prompt_ids("Provide a one-sentence caption for the provided image.", 1)])
+    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        logits = peft(input_ids=ids, pixel_values=pixel_values).logits
+    return {"input_ids": ids, "pixel_values": pixel_values, "logits": logits}
+
+
+def test_merged_logits_equal_adapter_logits(merged, reference):
+    out, lines = merged
+    for layout in ("hf", "internvl"):
+        model, _ = captune.load(out / layout, dtype="fp32")
+        with torch.no_grad():
+            logits = model(input_ids=reference["input_ids"], pixel_values=reference["pixel_values"]).logits
+        assert rel_err(reference["logits"], logits) < 1e-5, layout
+
+
+def test_merge_prints_the_tutorial_steps(merged):
+    _, lines = merged
+    text = "\n".join(lines)
+    assert lines[0].startswith("Loading base model")
+    assert "trainable params: 8,608" in text  # LoRA on 14 LLM + 12 vision layers at rank 4, and the projector
+    assert "Saving merged model" in text and "Checked the hf output" in text and "Checked the internvl output" in text
+    assert lines[-1] == "Done!"
+
+
+def test_merge_touches_the_targeted_weights_only(merged, mini):
+    out, _ = merged
+    base = {k: v.float() for k, v in all_tensors(mini).items()}
+    back = all_tensors(out / "internvl")
+    changed = {k for k in base if not torch.equal(base[k], back[k])}
+    assert "language_model.model.layers.0.attention.wqkv.weight" in changed
+    assert "vision_model.encoder.layers.1.attn.qkv.weight" in changed
+    assert "mlp1.1.weight" in changed  # the projector, trained whole
+    assert "language_model.model.tok_embeddings.weight" not in changed
+    assert "language_model.output.weight" not in changed
+    assert all(t.dtype == torch.float32 for t in back.values())
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+    assert "captune" not in sys.modules
+    data = torch.load(sys.argv[2])
+    with torch.no_grad():
+        logits = model(input_ids=data["input_ids"], pixel_values=data["pixel_values"]).logits
+    torch.save(logits, sys.argv[3])
+    print(json.dumps({"class": type(model).__name__, "template": bool(tokenizer.chat_template),
+                      "img": tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                      "eos": GenerationConfig.from_pretrained(sys.argv[1]).eos_token_id}))
+""")
+
+
+def test_hf_output_loads_with_plain_transformers_in_a_fresh_process(merged, reference, tmp_path):
+    out, _ = merged
+    hf = out / "hf"
+    assert (hf / "internvl_config.json").is_file()
+    torch.save({"input_ids": reference["input_ids"], "pixel_values": reference["pixel_values"]}, tmp_path / "in.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(hf), str(tmp_path / "in.pt"),
+                          str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    assert info == {"class": "InternVLForConditionalGeneration", "template": True, "img": 92546, "eos": 92542}
+    assert rel_err(reference["logits"], torch.load(tmp_path / "out.pt")) < 1e-5
+
+
+def test_internvl_output_converts_back_to_the_hf_merge(merged, mini, tmp_path):
+    out, _ = merged
+    captune.convert_checkpoint(out / "internvl", tmp_path / "back", to="hf")
+    assert_bit_identical(all_tensors(out / "hf"), all_tensors(tmp_path / "back"))
+    config = json.loads((out / "internvl" / "config.json").read_text())
+    original = json.loads((mini / "config.json").read_text())
+    # the release's config.json, saying the merged weights' dtype
+    assert config["torch_dtype"] == config["llm_config"]["torch_dtype"] == "float32"
+    assert without_dtype(config) == without_dtype(original)
+    for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        assert (out / "internvl" / name).read_bytes() == (mini / name).read_bytes()
+
+
+def test_default_is_bf16_hf_and_the_command_prints_its_steps(adapter, tmp_path, capsys):
+    merge_command(str(adapter), str(tmp_path / "out"))
+    printed = capsys.readouterr().out
+    assert "trainable params: 8,608" in printed and printed.rstrip().endswith("Done!")
+    tensors = all_tensors(tmp_path / "out")
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in tensors
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny 3-shard original release without tokenizer, with remote code, and an rsLoRA adapter for it."""
+    root = tmp_path_factory.mktemp("sharded")
+    base = write_original_checkpoint(root / "base", "internlm2", shards=3)
+    (base / "modeling_internvl_chat.py").write_text("# remote code\n")
+    return base, make_adapter(base, root / "adapter", image_token_id=IMAGE_TOKEN_ID, rslora=True, projector=False)
+
+
+def test_sharded_base_keeps_its_sharding(sharded, tmp_path):
+    base, adapter = sharded
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        out = merge(adapter, tmp_path / "out", format="both", dtype="fp32")
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    for layout in ("hf", "internvl"):
+        assert sorted(p.name for p in (out / layout).glob("*.safetensors")) == sorted(set(index.values()))
+    assert json.loads((out / "internvl" / "model.safetensors.index.json").read_text())["weight_map"] == index
+    assert (out / "internvl" / "modeling_internvl_chat.py").read_text() == "# remote code\n"
+    assert not (out / "hf" / "modeling_internvl_chat.py").exists()
+    # rsLoRA scales by alpha / sqrt(r): checked against PEFT by the merge itself, and here once more
+    assert verify_merge(adapter, out) < 1e-5
+
+
+def test_killed_merge_leaves_no_out_and_no_temporary_folder(sharded, tmp_path, monkeypatch):
+    import captune.convert as conv
+
+    base, adapter = sharded
+    real, calls = conv._save_shard, {"n": 0}
+
+    def dying_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if the process were killed half-way
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "_save_shard", dying_save)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merge(adapter, tmp_path / "out", dtype="fp32")
+    assert calls["n"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_merge_that_fails_the_check_writes_nothing(sharded, tmp_path, monkeypatch):
+    from captune.merge import Adapter
+
+    base, adapter = sharded
+    monkeypatch.setattr(Adapter, "scale", lambda self, a: 1.5)  # a wrong scale: a wrong merge
+    with pytest.raises(CaptuneError, match="differs from the adapter: relative error"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merge(adapter, tmp_path / "out", dtype="fp32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_non_empty_out_is_refused(adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CaptuneError, match="not empty"):
+        merge(adapter, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_output_over_an_input_is_refused(adapter, mini):
+    with pytest.raises(CaptuneError, match="would replace the input"):
+        merge(adapter, adapter, force=True)
+
+
+def test_a_merged_model_is_not_an_adapter(merged, tmp_path):
+    out, _ = merged
+    with pytest.raises(CaptuneError, match="model folder, not a LoRA adapter"):
+        merge(out / "hf", tmp_path / "again")
+    with pytest.raises(CaptuneError, match="not a LoRA adapter folder"):
+        merge(tmp_path, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_base_that_does_not_fit_is_refused(adapter, sharded, tmp_path):
+    base, _ = sharded
+    with pytest.raises(CaptuneError, match="does not fit"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny base has no tokenizer
+        merge(adapter, tmp_path / "out", base=base)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save 'lm_head' is not supported"),
+    ({"bias": "lora_only"}, "bias 'lora_only'"),
+    ({"peft_type": "IA3"}, "not a LoRA adapter"),
+])
+def test_unsupported_adapters_are_refused(adapter, tmp_path, change, message):
+    copy = shutil.copytree(adapter, tmp_path / "adapter")
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CaptuneError, match=message):
+        merge(copy, tmp_path / "out")
+
+
+def test_unknown_adapter_tensors_are_refused(adapter, tmp_path):
+    copy = shutil.copytree(adapter, tmp_path / "adapter")
+    state = load_file(copy / "adapter_model.safetensors")
+    state["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(16)
+    save_file(state, str(copy / "adapter_model.safetensors"))
+    with pytest.raises(CaptuneError, match="unsupported adapter tensor"):
+        merge(copy, tmp_path / "out")
+
+
+def test_verify_merge_detects_a_tampered_weight(adapter, merged, tmp_path, capsys):
+    out, _ = merged
+    assert verify_merge_command(str(adapter), str(out / "hf")) < 1e-5
+    assert "relative error of the merged logits" in capsys.readouterr().out
+    tampered = shutil.copytree(out / "hf", tmp_path / "tampered")
+    state = load_file(tampered / "model.safetensors")
+    key = "model.language_model.layers.1.mlp.down_proj.weight"
+    state[key] = state[key] + 1e-3 * torch.randn_like(state[key])
+    save_file(state, str(tampered / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CaptuneError, match="differs from the adapter: relative error"):
+        verify_merge_command(str(adapter), str(tampered))
+    with pytest.raises(CaptuneError, match="model folder, not a LoRA adapter"):
+        verify_merge(out / "hf", adapter)
+
+
+@pytest.mark.slow
+def test_merge_an_adapter_trained_by_captune_train(mini, tmp_path):
+    from captune.cli import main
+
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+            f.write(json.dumps({"image": f"{i}.jpg", "caption": f"picture number {i}"}) + "\n")
+    assert main(["train", "--recipe", "tiny_cpu_lora", "--model", str(mini), "--data", str(tmp_path / "train.jsonl"),
+                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--global-batch-size", "4",
+                 "--per-device-batch-size", "4", "--warmup-ratio", "0", "--lora-rank", "4"]) == 0
+    checkpoint = next((tmp_path / "run").glob("checkpoint-*"))
+    out = merge(checkpoint, tmp_path / "merged", dtype="fp32")
+    assert verify_merge(checkpoint, out) < 1e-5
+    base = all_tensors(mini)["language_model.model.layers.0.attention.wo.weight"].float()
+    assert not torch.equal(all_tensors(out)["model.language_model.layers.0.self_attn.o_proj.weight"], base)
+
+
+def test_native_layout_base_gives_the_same_merge(adapter, merged, mini, tmp_path):
+    out, _ = merged
+    captune.convert_checkpoint(mini, tmp_path / "mini-hf")
+    again = merge(adapter, tmp_path / "out", format="both", dtype="fp32", base=tmp_path / "mini-hf")
+    for layout in ("hf", "internvl"):
+        assert_bit_identical(all_tensors(out / layout), all_tensors(again / layout))
+    assert (again / "hf" / "tokenizer.json").is_file() and (again / "internvl" / "tokenizer.json").is_file()
