@@ -133,8 +133,8 @@ def _caption_run(model, processor, paths: list[Path], batch_size: int, workers: 
     return elapsed
 
 
-def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24, batch_size: int = 64,
-               workers: int = 8, tokens: int = 30, device: str = "cuda", out: str | None = None,
+def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24,
+               batch_sizes: tuple[int, ...] = (64, 128), workers: int = 12, tokens: int = 30, device: str = "cuda", out: str | None = None,
                model_config: dict | None = None) -> dict:
     """(a) one image at a time, as InternVL's evaluate_caption.py; (b) captune's batched path. Same GPU, same run."""
     from .model import resolve_device
@@ -149,22 +149,32 @@ def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images:
         n_tiles = processor.tile(paths[0], 6).shape[0]
         _caption_run(model, processor, paths[:2], 1, 1, tokens)  # warm-up
         _reset_peak(dev)
+        # InternVL's evaluate_caption.py: batch size 1, one DataLoader worker
         a = _caption_run(model, processor, paths[:baseline_images], 1, 1, tokens)
         peak_a = _peak_gb(dev)
-        _caption_run(model, processor, paths[:batch_size], batch_size, workers, tokens)  # warm-up at full size
-        _reset_peak(dev)
-        b = _caption_run(model, processor, paths[:images], batch_size, workers, tokens)
-        peak_b = _peak_gb(dev)
+        runs = {}
+        for size in batch_sizes:
+            _caption_run(model, processor, paths[:size], size, workers, tokens)  # warm-up at full size
+            _reset_peak(dev)
+            try:
+                seconds = _caption_run(model, processor, paths[:images], size, workers, tokens)
+            except torch.cuda.OutOfMemoryError:
+                runs[size] = {"error": "out of memory"}
+                torch.cuda.empty_cache()
+                continue
+            runs[size] = {"seconds": seconds, "peak_gb": _peak_gb(dev)}
     result = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "tiles_per_image": n_tiles, "new_tokens": tokens,
+        "tiles_per_image": n_tiles, "new_tokens": tokens, "images": images, "workers": workers,
         "a_one_at_a_time": {"images": baseline_images, "seconds": a, "images_per_s": baseline_images / a,
                             "peak_gb": peak_a},
-        "b_captune": {"images": images, "batch_size": batch_size, "workers": workers, "seconds": b,
-                      "images_per_s": images / b, "peak_gb": peak_b},
     }
-    result["speedup"] = result["b_captune"]["images_per_s"] / result["a_one_at_a_time"]["images_per_s"]
-    result["coco_test_5000_minutes"] = 5000 / result["b_captune"]["images_per_s"] / 60
+    for size, run in runs.items():
+        if "seconds" in run:
+            run["images_per_s"] = images / run["seconds"]
+            run["speedup"] = run["images_per_s"] / result["a_one_at_a_time"]["images_per_s"]
+            run["coco_test_5000_minutes"] = 5000 / run["images_per_s"] / 60
+        result[f"b_captune_batch{size}"] = run
     _report(result, out, "bench_eval.json")
     return result
 
@@ -238,7 +248,7 @@ def _time_training(loss_module, optimizer, batches, device, warmup: int, steps: 
 
 def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, batch_size: int = 4,
                 budgets: tuple[int, ...] = (8192, 16384), device: str = "cuda", out: str | None = None,
-                peak_tflops: float = 989.0, model_config: dict | None = None) -> dict:
+                peak_tflops: float = 989.0, model_config: dict | None = None, compile_layers: bool = True) -> dict:
     """(a) the tutorial's way: one caption per sample, batch 4, gradient checkpointing, full logits;
     (b) captune's default: each image once for its five captions, packed rows, FlexAttention, logits only where
     there is a loss; with and without gradient checkpointing. Same GPU, same run."""
@@ -312,12 +322,21 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
     group_items = [{"pixel_values": pixels[i], "encodings": g} for i, g in groups.items()]
     if dev.type == "cuda":
         peft.base_model.model.model.language_model.set_attn_implementation("flex_attention")
+    packs = {}
     for budget in budgets:
         per_batch = max(1, budget // 1900)
-        packed = [collate_shared(group_items[i : i + per_batch], processor.pad_token_id, budget)
-                  for i in range(0, len(group_items) - per_batch + 1, per_batch)]
+        packs[budget] = [collate_shared(group_items[i : i + per_batch], processor.pad_token_id, budget)
+                         for i in range(0, len(group_items) - per_batch + 1, per_batch)]
         for ckpt in (False, True):
-            record(f"b_shared_{budget}{'_ckpt' if ckpt else ''}", packed, CaptionLoss(peft), checkpointing=ckpt)
+            record(f"b_shared_{budget}{'_ckpt' if ckpt else ''}", packs[budget], CaptionLoss(peft), checkpointing=ckpt)
+    if compile_layers and dev.type == "cuda":
+        from .train import compile_decoder_layers
+
+        compile_decoder_layers(peft)
+        for budget in budgets:
+            for ckpt in (False, True):
+                record(f"b_shared_{budget}_compiled{'_ckpt' if ckpt else ''}", packs[budget], CaptionLoss(peft),
+                       checkpointing=ckpt)
     base = result["variants"].get("a_tutorial", {}).get("caption_samples_per_s")
     for v in result["variants"].values():
         if base and "caption_samples_per_s" in v:

@@ -6,6 +6,7 @@
     captune score RESULTS GT              score any captions file with the official COCO metrics
     captune train --model M --data D --out OUT [--recipe R] [--key value ...]   LoRA fine-tuning
     captune data coco|check|synthetic     prepare, validate or make training data
+    captune merge ADAPTER OUT             merge a LoRA run into a model anyone can load (checked)
     captune bench eval|train              GPU speed, the tutorial's way and captune's, side by side
 
 Each sub-command is a plain typed function; `main` only parses arguments and turns user errors
@@ -131,13 +132,29 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=None, metavar=f.name.split("_")[-1].upper(), help=f"(default {default})")
 
 
-def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24, batch_size: int = 64,
-               workers: int = 8, device: str = "cuda", out: str | None = None) -> dict:
+def merge(adapter: str, out: str, format: str = "hf", dtype: str = "bf16", force: bool = False,
+          base: str | None = None, verify: bool = True, device: str = "auto") -> Path:
+    """Merge LoRA weights into the base, shard by shard; check the logits; write atomically."""
+    from .merge import merge_command
+
+    return merge_command(adapter, out, format=format, dtype=dtype, force=force, base=base, verify=verify,
+                         device=device)
+
+
+def verify_merge(adapter: str, merged: str, base: str | None = None, device: str = "auto") -> float:
+    """Relative logits error between base + adapter and the merged model."""
+    from .merge import verify_merge_command
+
+    return verify_merge_command(adapter, merged, base=base, device=device)
+
+
+def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24,
+               batch_sizes: str = "64,128", workers: int = 12, device: str = "cuda", out: str | None = None) -> dict:
     """Images/s of captioning one image at a time (the original) and batched (captune), same GPU, same run."""
     from .bench import bench_eval as run
 
-    return run(tokenizer, images=images, baseline_images=baseline_images, batch_size=batch_size, workers=workers,
-               device=device, out=out)
+    return run(tokenizer, images=images, baseline_images=baseline_images,
+               batch_sizes=tuple(int(b) for b in batch_sizes.split(",")), workers=workers, device=device, out=out)
 
 
 def bench_train(tokenizer: str | None = None, steps: int = 8, budgets: str = "8192,16384", device: str = "cuda",
@@ -225,17 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image-root", default=None)
     q.set_defaults(func=lambda a: data_check(a.data, a.model, a.max_tiles, a.max_seq_length, a.workers, a.image_root))
 
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model, checked")
+    p.add_argument("adapter", help="a checkpoint folder written by captune train")
+    p.add_argument("out")
+    p.add_argument("--format", choices=["hf", "internvl", "both"], default="hf")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--base", default=None, help="the base model (default: the one recorded in the adapter)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logits check (26B and up)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=lambda a: merge(a.adapter, a.out, a.format, a.dtype, a.force, a.base, a.verify, a.device))
+
+    p = sub.add_parser("verify-merge", help="compare a merged model's logits with base + adapter")
+    p.add_argument("adapter")
+    p.add_argument("merged")
+    p.add_argument("--base", default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=lambda a: verify_merge(a.adapter, a.merged, a.base, a.device))
+
     p = sub.add_parser("bench", help="GPU speed: the tutorial's way and captune's side by side (random weights)")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     q = bench_sub.add_parser("eval", help="captioning: one image at a time vs batched, end to end")
     q.add_argument("--tokenizer", help="an InternLM2 tokenizer folder (default: a compact stand-in)")
     q.add_argument("--images", type=int, default=640)
     q.add_argument("--baseline-images", type=int, default=24)
-    q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--workers", type=int, default=8)
+    q.add_argument("--batch-sizes", default="64,128")
+    q.add_argument("--workers", type=int, default=12)
     q.add_argument("--device", default="cuda")
     q.add_argument("--out", default=None, help="folder for bench_eval.json")
-    q.set_defaults(func=lambda a: bench_eval(a.tokenizer, a.images, a.baseline_images, a.batch_size, a.workers,
+    q.set_defaults(func=lambda a: bench_eval(a.tokenizer, a.images, a.baseline_images, a.batch_sizes, a.workers,
                                              a.device, a.out))
     q = bench_sub.add_parser("train", help="training: one caption per sample vs shared-prefix packing")
     q.add_argument("--tokenizer", help="an InternLM2 tokenizer folder (default: a compact stand-in)")

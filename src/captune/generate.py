@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .processor import Processor
+from .tiling import normalize
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ def generate_ids(model, processor: Processor, batch: dict[str, torch.Tensor], se
     """The new token ids `[B, <= max_new_tokens]` for a collated (left-padded) batch."""
     device = model.device
     inputs = {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
-        "pixel_values": batch["pixel_values"].to(device=device, dtype=model.dtype),
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
+        "pixel_values": normalize(batch["pixel_values"].to(device, non_blocking=True)).to(model.dtype),
     }
     out = model.generate(**inputs, generation_config=generation_config(processor, settings))
     return out[:, inputs["input_ids"].shape[1] :]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .tiling import normalize
 from .checkpoint import Checkpoint, has_tokenizer, iter_shard, open_checkpoint, shard_keys, shard_metadata
 from .convert import (
     _IGNORED_KEYS,
@@ -481,7 +482,7 @@ def load_model(path: Path, image_token_id: int, device) -> torch.nn.Module:
 def probe_logits(model: torch.nn.Module, probe: Probe) -> torch.Tensor:
     device = next(model.parameters()).device
     # The last positions see the whole prompt, image included: every merged layer shows in their logits.
-    logits = model(input_ids=probe.input_ids.to(device), pixel_values=probe.pixel_values.to(device, CHECK_DTYPE),
+    logits = model(input_ids=probe.input_ids.to(device), pixel_values=normalize(probe.pixel_values.to(device)).to(CHECK_DTYPE),
                    logits_to_keep=PROBE_POSITIONS).logits  # [1, PROBE_POSITIONS, V]
     return logits.float().cpu()
 

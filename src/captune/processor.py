@@ -17,7 +17,7 @@ from PIL import Image
 
 from .checkpoint import Checkpoint
 from .templates import Template, encode_prompt, get_template, stop_token_id
-from .tiling import tile_image
+from .tiling import tile_image, tile_pixels
 
 DEFAULT_QUESTION = "Provide a one-sentence caption for the provided image."
 
@@ -71,14 +71,25 @@ class Processor:
         return tile_image(image, max_tiles=max_tiles, tile_size=self.tile_size, thumbnail=self.thumbnail,
                           min_tiles=min(self.min_tiles, max_tiles))
 
+    def tile_uint8(self, image: Image.Image | str | Path, max_tiles: int | None = None) -> torch.Tensor:
+        """The same tiles before normalisation (uint8), for moving to the GPU cheaply; see `tiling.normalize`."""
+        max_tiles = (max_tiles or self.max_tiles) if self.dynamic else 1
+        return tile_pixels(image, max_tiles=max_tiles, tile_size=self.tile_size, thumbnail=self.thumbnail,
+                           min_tiles=min(self.min_tiles, max_tiles))
+
     def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
-        return encode_prompt(self.tokenizer, question, num_tiles * self.tokens_per_tile, self.template)
+        key = (question, num_tiles)
+        cache = self.__dict__.setdefault("_prompt_cache", {})
+        if key not in cache:  # a prompt depends only on the question and the tile count
+            cache[key] = encode_prompt(self.tokenizer, question, num_tiles * self.tokens_per_tile, self.template)
+        return list(cache[key])
 
     def prepare(
         self, image: Image.Image | str | Path, question: str = DEFAULT_QUESTION, max_tiles: int | None = None
     ) -> dict[str, Any]:
-        """One sample: `input_ids` (a list) and `pixel_values` `[n, 3, S, S]`. Runs in DataLoader workers."""
-        pixel_values = self.tile(image, max_tiles)
+        """One sample: `input_ids` (a list) and `pixel_values`, uint8 tiles `[n, 3, S, S]` (normalised on the
+        model's device by `generate`). Runs in DataLoader workers."""
+        pixel_values = self.tile_uint8(image, max_tiles)
         return {"input_ids": self.prompt_ids(question, pixel_values.shape[0]), "pixel_values": pixel_values}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -87,6 +87,33 @@ def _split(image: Image.Image, max_tiles: int, min_tiles: int, tile_size: int, t
     return tiles
 
 
+def tile_pixels(
+    image: Image.Image | str | Path,
+    max_tiles: int = 6,
+    tile_size: int = 448,
+    thumbnail: bool = True,
+    min_tiles: int = 1,
+) -> torch.Tensor:
+    """The tiles as uint8 `[n, 3, S, S]`, before normalisation: a quarter of the bytes to move between processes
+    and to the GPU, where `normalize` finishes the job (the same float32 operations, so the same values)."""
+    image = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+    tiles = _split(image, max_tiles, min_tiles, tile_size, thumbnail)
+    resized = [t.resize((tile_size, tile_size), Image.Resampling.BICUBIC) for t in tiles]
+    pixels = np.stack([np.asarray(t, dtype=np.uint8) for t in resized])  # [n, S, S, 3]
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # [n, 3, S, S]
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 tiles to InternVL2's input: float32 in [0, 1], then ImageNet mean/std (as torchvision's ToTensor and
+    Normalize). Float tensors pass through unchanged."""
+    if pixels.is_floating_point():
+        return pixels
+    x = pixels.to(torch.float32).div(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
 def tile_image(
     image: Image.Image | str | Path,
     max_tiles: int = 6,
@@ -95,11 +122,4 @@ def tile_image(
     min_tiles: int = 1,
 ) -> torch.Tensor:
     """Tile an image (PIL image of any mode, or a file path) as InternVL2 does: float32 [n, 3, S, S]."""
-    image = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-    tiles = _split(image, max_tiles, min_tiles, tile_size, thumbnail)
-    resized = [t.resize((tile_size, tile_size), Image.Resampling.BICUBIC) for t in tiles]
-    pixels = np.stack([np.asarray(t, dtype=np.uint8) for t in resized])  # [n, S, S, 3]
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)  # [n, 3, S, S]
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std).contiguous()
+    return normalize(tile_pixels(image, max_tiles, tile_size, thumbnail, min_tiles)).contiguous()

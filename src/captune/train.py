@@ -39,6 +39,13 @@ from .runlog import RunLog
 from .templates import IGNORE_INDEX
 
 
+def compile_decoder_layers(model: nn.Module) -> None:
+    """torch.compile each LLM decoder layer (fuses norms, RoPE, SiLU and the LoRA additions around the matmuls)."""
+    net = model.base_model.model if hasattr(model, "base_model") else model
+    for layer in net.model.language_model.layers:
+        layer.compile(dynamic=True)
+
+
 class CaptionLoss(nn.Module):
     """The training objective as one module, so DDP and FSDP see a single forward.
 
