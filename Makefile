@@ -7,7 +7,12 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install system-deps clean
+
+# Java runs the official COCO caption scorers (PTB tokenizer, METEOR); Chromium renders the HTML report in a test.
+system-deps:
+	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq default-jre-headless)
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +26,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/captune demo
+	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq default-jre-headless)
+	$(BIN)/captune demo --force
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed system-deps
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,5 +1,6 @@
 """The `captune` command line: one sub-command per step of the tutorial.
 
+    captune demo                          the whole tutorial in miniature, offline, on the CPU
     captune caption MODEL IMAGE...        caption images with any InternVL2 checkpoint
     captune convert SRC OUT --to hf       original release <-> transformers' native layout
     captune eval MODEL --data data/coco   the COCO Caption benchmark (BLEU, METEOR, ROUGE-L, CIDEr)
@@ -25,6 +26,14 @@ from pathlib import Path
 from .errors import CaptuneError
 
 EXIT_USER_ERROR = 2
+
+
+def demo(out: str = "runs/demo", train_images: int = 200, test_images: int = 50, epochs: float = 8.0,
+         force: bool = False) -> dict:
+    """Data, eval, LoRA training, eval, merge, plain-transformers captioning: the tutorial end to end."""
+    from .demo import demo as run
+
+    return run(out, train_images, test_images, epochs, force)
 
 
 def caption(
@@ -178,6 +187,14 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the tutorial in miniature, offline, on the CPU (a few minutes)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--train-images", type=int, default=200)
+    p.add_argument("--test-images", type=int, default=50)
+    p.add_argument("--epochs", type=float, default=8.0)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=lambda a: demo(a.out, a.train_images, a.test_images, a.epochs, a.force))
 
     p = sub.add_parser("caption", help="caption images")
     p.add_argument("model", help="an InternVL2 checkpoint folder (original or native layout)")
