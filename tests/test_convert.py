@@ -16,22 +16,7 @@ from safetensors.torch import load_file
 import captune
 from captune.cli import main
 from captune.errors import CaptuneError
-from tiny import write_original_checkpoint
-
-
-def all_tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.bfloat16 else a[k], 
-                           b[k].view(torch.uint8) if b[k].dtype == torch.bfloat16 else b[k]), k
+from tiny import all_tensors, assert_bit_identical, write_original_checkpoint
 
 
 @pytest.mark.parametrize("family,vision,shards", [

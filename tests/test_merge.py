@@ -21,21 +21,9 @@ import captune
 from captune.errors import CaptuneError
 from captune.lora import add_lora
 from captune.merge import merge, merge_command, verify_merge, verify_merge_command
-from tiny import IMAGE_TOKEN_ID, write_original_checkpoint
+from tiny import IMAGE_TOKEN_ID, all_tensors, assert_bit_identical, write_original_checkpoint
 
 
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
 
 
 def rel_err(reference: torch.Tensor, other: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 VISION_300M = {
     "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 64, "intermediate_size": 128,
@@ -54,25 +54,32 @@ def random_original_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tens
     """Random weights with the original names, derived from the native model's shapes."""
     from transformers import InternVLForConditionalGeneration
 
-    from captune.convert import KeyMap, native_config
+    from captune.convert import native_config
+    from captune.tinymodel import original_state_dict
 
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(native_config(cfg, IMAGE_TOKEN_ID))
-    keymap = KeyMap(cfg)
-    parts: dict[str, list] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, t in model.state_dict().items():
-        if "rotary_emb" in key:
-            continue
-        t = (1.0 + 0.1 * torch.randn_like(t)) if ("norm" in key or "lambda" in key) else 0.05 * torch.randn_like(t)
-        original, part, rule = keymap.to_original(key)
-        if len(rule.native) == 1:
-            out[original] = t
-        else:
-            parts.setdefault(original, [None] * len(rule.native))[part] = t
-            if all(p is not None for p in parts[original]):
-                out[original] = rule.fuse(parts.pop(original), cfg)
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if "rotary_emb" not in key:
+                t.copy_((1.0 + 0.1 * torch.randn_like(t)) if ("norm" in key or "lambda" in key)
+                        else 0.05 * torch.randn_like(t))
+    return original_state_dict(model, cfg)
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
     return out
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    """Same names, dtypes, shapes and bytes."""
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
 
 
 def write_original_checkpoint(path: Path, family: str, vision: str = "300m", shards: int = 1) -> Path:

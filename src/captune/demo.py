@@ -88,9 +88,9 @@ def demo(out: str = "runs/demo", train_images: int = 200, test_images: int = 50,
     _step(1, f"caption data: {train_images} training images x 5 captions, {test_images} test images")
     data = make_synthetic_dataset(out_dir / "data", train=train_images, test=test_images, seed=0)
 
-    _step(2, f"captune eval {base.name} (the base model, original InternVL2 layout)")
+    _step(2, f"captune eval {base.name} --max-tiles 1 (the base model, original InternVL2 layout; one 112px tile)")
     before = evaluate(str(base), data=str(out_dir / "data"), out=str(out_dir / "eval-base"), device="cpu",
-                      dtype="fp32", batch_size=16, num_workers=0)
+                      dtype="fp32", batch_size=16, num_workers=0, max_tiles=1)
 
     _step(3, "captune train --recipe demo_lora (LoRA on the LLM, shared-prefix packing)")
     adapter = train(cfg.resolve("demo_lora", {"model": str(base), "data": str(out_dir / "data"),
@@ -98,7 +98,7 @@ def demo(out: str = "runs/demo", train_images: int = 200, test_images: int = 50,
 
     _step(4, f"captune eval {adapter} (base + adapter)")
     after = evaluate(str(adapter), data=str(out_dir / "data"), out=str(out_dir / "eval-finetuned"), device="cpu",
-                     dtype="fp32", batch_size=16, num_workers=0)
+                     dtype="fp32", batch_size=16, num_workers=0, max_tiles=1)
 
     _step(5, "captune merge")
     merged = merge(adapter, out_dir / "merged", format="hf", dtype="fp32", force=True)
