@@ -98,14 +98,15 @@ def collate_separate(items: list[dict], pad_token_id: int) -> TrainBatch | None:
 
 
 def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[int]:
-    """A shuffled order of sample indices; with `group_by_length`, each run of 50 micro-batches is sorted by
-    length (longest first) so a micro-batch holds samples of similar length, as HF Trainer's grouping does."""
+    """A shuffled order of sample indices; with `group_by_length`, each run of up to 50 micro-batches is sorted
+    by length (longest first) so a micro-batch holds samples of similar length, as HF Trainer's grouping does
+    (fewer micro-batches per run for small data sets, as there)."""
     rng = random.Random(seed + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if not group_by_length:
         return order
-    mega = batch_size * 50
+    mega = batch_size * max(1, min(len(lengths) // (batch_size * 4), 50))
     grouped: list[int] = []
     for start in range(0, len(order), mega):
         grouped += sorted(order[start : start + mega], key=lambda i: -lengths[i])
