@@ -28,7 +28,6 @@ from .packing import GroupDataset, PrefixSharing, collate_shared, group_samples,
 from .checkpointing import (
     checkpoint_name,
     latest_checkpoint,
-    list_checkpoints,
     prune_checkpoints,
     rng_state,
     set_rng_state,
@@ -254,8 +253,6 @@ def _prepare_out(config: cfg.TrainConfig, ctx: distributed.Context) -> Path | No
     resume_from = latest_checkpoint(out) if config.resume != "false" else None
     if config.resume == "true" and resume_from is None:
         raise CaptuneError("--resume true, but there is no complete checkpoint to resume from", out)
-    if resume_from is None and config.resume == "auto" and list_checkpoints(out) == [] and (out / "log.jsonl").exists():
-        pass  # a run that died before its first checkpoint starts again
     if resume_from is not None and (out / cfg.RUN_CONFIG).is_file():
         before = cfg.load_run_config(out)
         for key in ("model", "data", "lora_rank", "global_batch_size", "per_device_batch_size", "seed", "share_prefix"):
@@ -336,6 +333,8 @@ def train(config: cfg.TrainConfig) -> Path:
             log.info(f"resumed from {resume_from} at step {start_step}")
             if ctx.is_main:
                 _truncate_log(out, start_step)
+        elif ctx.is_main:
+            _truncate_log(out, 0)  # a run that died before its first checkpoint starts again from step 0
 
         dataset = (GroupDataset(samples, groups, processor, config.max_tiles, config.max_seq_length) if shared
                    else CaptionTrainDataset(samples, processor, config.max_tiles, config.max_seq_length))
