@@ -198,3 +198,23 @@ def test_torchrun_two_processes_match_one(tiny_data, tmp_path, fsdp):
     one = [r["loss"] for r in read_log(tmp_path / "one")]
     assert two == pytest.approx(one, rel=1e-4)
     captune.load(tmp_path / "two" / "checkpoint-000003")
+
+
+def test_in_training_evaluation_keeps_the_best_checkpoint(tmp_path):
+    """--eval-every: captions K test images with the current weights, logs BLEU-4/METEOR/CIDEr, keeps `best/`."""
+    from captune.demo import base_model_path
+    from captune.synthetic import make_synthetic_dataset
+    from captune.train import train
+
+    make_synthetic_dataset(tmp_path / "data", train=16, test=4, seed=3)
+    out = tmp_path / "run"
+    train(cfg.resolve("demo_lora", {"model": str(base_model_path()), "data": str(tmp_path / "data"), "out": str(out),
+                                    "max_steps": 2, "eval_every": 1, "eval_limit": 4, "global_batch_size": 20,
+                                    "per_device_batch_size": 20}))
+    evals = read_log(out, kind="eval")
+    assert [e["step"] for e in evals] == [1, 2]
+    assert all({"Bleu_4", "METEOR", "CIDEr"} <= set(e) for e in evals)
+    best = max(evals, key=lambda e: e["CIDEr"])
+    state = torch.load(out / "best" / "trainer_state.pt", weights_only=False)
+    assert state["best"]["step"] == best["step"] and state["best"]["cider"] == best["CIDEr"]
+    captune.load(out / "best")
