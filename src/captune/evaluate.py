@@ -25,7 +25,7 @@ from .evalset import EvalImage, EvalSet, resolve_eval_set
 from .fileio import read_json, write_json_atomic
 from .generate import GenerationSettings, generate_ids
 from .processor import DEFAULT_QUESTION, Processor
-from .tiling import load_image, tile_grid
+from .tiling import load_image
 
 RUN_FILE = "eval.json"
 
@@ -79,16 +79,12 @@ def order_by_tiles(images: list[EvalImage], processor: Processor, max_tiles: int
 
     Only the image headers are read; an image whose header cannot be read goes last and is reported later.
     """
-    from PIL import Image
 
     def tiles(item: EvalImage) -> int:
         try:
-            with Image.open(item.path) as im:
-                cols, rows = tile_grid(*im.size, max_tiles=max_tiles, tile_size=processor.tile_size)
+            return processor.num_tiles(item.path, max_tiles)
         except Exception:
             return -1
-        n = cols * rows
-        return n + 1 if processor.thumbnail and n > 1 else n
 
     return sorted(images, key=lambda item: -tiles(item))
 

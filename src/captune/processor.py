@@ -8,7 +8,7 @@ its own: InternVL2's tiling (`tiling.py`) and conversation templates (`templates
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from .checkpoint import Checkpoint
 from .templates import Template, encode_prompt, get_template, stop_token_id
-from .tiling import tile_image, tile_pixels
+from .tiling import count_tiles, normalize, tile_pixels
 
 DEFAULT_QUESTION = "Provide a one-sentence caption for the provided image."
 
@@ -32,6 +32,8 @@ class Processor:
     thumbnail: bool = True
     dynamic: bool = True
     tokens_per_tile: int = 256
+    # a prompt depends only on the question and the tile count
+    _prompt_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, tokenizer) -> Processor:
@@ -65,24 +67,32 @@ class Processor:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    def _tiling(self, max_tiles: int | None) -> dict[str, Any]:
+        max_tiles = (max_tiles or self.max_tiles) if self.dynamic else 1
+        return {"max_tiles": max_tiles, "tile_size": self.tile_size, "thumbnail": self.thumbnail,
+                "min_tiles": min(self.min_tiles, max_tiles)}
+
     def tile(self, image: Image.Image | str | Path, max_tiles: int | None = None) -> torch.Tensor:
         """InternVL2's dynamic tiling: `[n, 3, S, S]`, the thumbnail last."""
-        max_tiles = (max_tiles or self.max_tiles) if self.dynamic else 1
-        return tile_image(image, max_tiles=max_tiles, tile_size=self.tile_size, thumbnail=self.thumbnail,
-                          min_tiles=min(self.min_tiles, max_tiles))
+        return normalize(self.tile_uint8(image, max_tiles)).contiguous()
 
     def tile_uint8(self, image: Image.Image | str | Path, max_tiles: int | None = None) -> torch.Tensor:
         """The same tiles before normalisation (uint8), for moving to the GPU cheaply; see `tiling.normalize`."""
-        max_tiles = (max_tiles or self.max_tiles) if self.dynamic else 1
-        return tile_pixels(image, max_tiles=max_tiles, tile_size=self.tile_size, thumbnail=self.thumbnail,
-                           min_tiles=min(self.min_tiles, max_tiles))
+        return tile_pixels(image, **self._tiling(max_tiles))
+
+    def num_tiles(self, path: str | Path, max_tiles: int | None = None) -> int:
+        """The tile count of an image file from its header alone (no decoding); raises if it cannot be read."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return count_tiles(*im.size, **self._tiling(max_tiles))
 
     def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
         key = (question, num_tiles)
-        cache = self.__dict__.setdefault("_prompt_cache", {})
-        if key not in cache:  # a prompt depends only on the question and the tile count
-            cache[key] = encode_prompt(self.tokenizer, question, num_tiles * self.tokens_per_tile, self.template)
-        return list(cache[key])
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = encode_prompt(self.tokenizer, question, num_tiles * self.tokens_per_tile,
+                                                    self.template)
+        return list(self._prompt_cache[key])
 
     def prepare(
         self, image: Image.Image | str | Path, question: str = DEFAULT_QUESTION, max_tiles: int | None = None

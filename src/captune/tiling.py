@@ -73,6 +73,13 @@ def tile_grid(
     return best
 
 
+def count_tiles(width: int, height: int, max_tiles: int = 6, tile_size: int = 448, thumbnail: bool = True,
+                min_tiles: int = 1) -> int:
+    """How many tiles `tile_image` makes of a `width` x `height` image, the thumbnail included."""
+    cols, rows = tile_grid(width, height, max_tiles=max_tiles, min_tiles=min_tiles, tile_size=tile_size)
+    return cols * rows + (1 if thumbnail and cols * rows > 1 else 0)
+
+
 def _split(image: Image.Image, max_tiles: int, min_tiles: int, tile_size: int, thumbnail: bool) -> list[Image.Image]:
     """InternVL2's dynamic_preprocess: grid tiles row by row, then the thumbnail."""
     cols, rows = tile_grid(image.width, image.height, max_tiles, min_tiles, tile_size)

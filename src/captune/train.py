@@ -100,16 +100,10 @@ PROMPT_TOKENS = 60  # system message, question and role tokens around the image 
 def _unit_lengths(samples, groups, processor, max_tiles: int) -> list[int]:
     """Approximate tokens of each unit, for grouping and packing: the image's tiles (from its header), the
     prompt, and about a token per 4 characters of each caption."""
-    from PIL import Image
-
-    from .tiling import tile_grid
-
     lengths = []
     for g in groups:
         try:
-            with Image.open(g.image) as im:
-                c, r = tile_grid(*im.size, max_tiles=max_tiles, tile_size=processor.tile_size)
-            tiles = c * r + (1 if processor.thumbnail and c * r > 1 else 0)
+            tiles = processor.num_tiles(g.image, max_tiles)
         except Exception:
             tiles = 1
         captions = sum(len(samples[i].caption) // 4 + 2 for i in g.members)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .errors import CaptuneError
 from .fileio import read_json, write_json_atomic, write_text_atomic
 from .processor import DEFAULT_QUESTION
-from .tiling import load_image, tile_grid
+from .tiling import count_tiles, load_image
 
 IMAGE_PLACEHOLDER = "<image>"
 TUTORIAL_JSONL = "coco_karpathy_train_567k.jsonl"
@@ -499,8 +499,7 @@ def check_samples(
 
 def _short_enough(sample: Sample, size: tuple[int, int], length_fn: LengthFn, max_seq_length: int, max_tiles: int,
                   tile_size: int, problems: Problems) -> bool:
-    cols, rows = tile_grid(size[0], size[1], max_tiles=max_tiles, tile_size=tile_size)
-    num_tiles = cols * rows + (1 if cols * rows > 1 else 0)  # + the thumbnail
+    num_tiles = count_tiles(size[0], size[1], max_tiles=max_tiles, tile_size=tile_size)
     try:
         length = length_fn(sample, num_tiles)
     except CaptuneError as e:
