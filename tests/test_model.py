@@ -114,6 +114,56 @@ def test_sharded_checkpoint_loads_like_single(tmp_path):
         assert ka == kb and torch.equal(va, vb)
 
 
+@pytest.mark.parametrize("layout", ["internvl", "hf"])
+def test_meta_model_filled_weight_by_weight_equals_load(tmp_path, layout):
+    """The FSDP path: shapes on the meta device, PEFT-wrapped, then every weight streamed into its place."""
+    from captune.checkpoint import open_checkpoint
+    from captune.lora import add_lora
+    from captune.model import fill_weights, rebuild_buffers
+
+    path = write_original_checkpoint(tmp_path / "orig", "qwen2", shards=2)
+    if layout == "hf":
+        with pytest.warns(UserWarning, match="no tokenizer"):
+            path = captune.convert_checkpoint(path, tmp_path / "hf")
+    expected, _ = captune.load(path, dtype="fp32", image_token_id=1017)
+    model, _ = captune.load(path, dtype="fp32", device="meta", image_token_id=1017)
+    assert all(p.is_meta for p in model.parameters())
+    model = add_lora(model, rank=4, alpha=8, dropout=0.0, train_projector=True)
+    model.to_empty(device="cpu")
+    filled = set()
+
+    def put(name, param, tensor):
+        filled.add(name)
+        with torch.no_grad():
+            param.copy_(tensor)
+
+    fill_weights(model, open_checkpoint(path), put)
+    rebuild_buffers(model, torch.device("cpu"))
+    assert not {n for n, _ in model.named_parameters() if ".lora_" not in n} - filled
+    base = model.base_model.model
+    ids = torch.randint(3, 1000, (1, 40))
+    with torch.no_grad():
+        with model.disable_adapter():
+            ours = base(input_ids=ids).logits
+        theirs = expected(input_ids=ids).logits
+    assert torch.equal(ours, theirs)
+
+
+def test_missing_weight_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from captune.checkpoint import open_checkpoint
+    from captune.model import fill_weights
+
+    path = write_original_checkpoint(tmp_path / "orig", "qwen2")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["mlp1.0.weight"]
+    save_file(tensors, path / "model.safetensors")
+    model, _ = captune.load(path, dtype="fp32", device="meta", image_token_id=1017)
+    with pytest.raises(CaptuneError, match="missing model.multi_modal_projector.layer_norm.weight"):
+        fill_weights(model, open_checkpoint(path), lambda *_: None)
+
+
 def test_dtype_keeps_rotary_frequencies_in_float32(fixtures):
     model, _ = captune.load(fixtures / "models" / "internvl2_internlm2", dtype="bf16", image_token_id=1017)
     assert model.dtype == torch.bfloat16

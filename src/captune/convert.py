@@ -412,6 +412,16 @@ def normalize_native_key(key: str) -> str:
     return key
 
 
+def iter_model_tensors(ckpt: Checkpoint, shard: Path, keymap: KeyMap | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The native (name, tensor) pairs of one shard, whatever the checkpoint's layout."""
+    if ckpt.layout == "internvl":
+        yield from iter_native_tensors(ckpt, shard, keymap)
+        return
+    for key, tensor in iter_shard(shard):
+        if not _IGNORED_KEYS.match(key):
+            yield normalize_native_key(key), tensor
+
+
 def iter_original_tensors(shard: Path, keymap: KeyMap, pending: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """The original (name, tensor) pairs of one native shard; fused tensors are emitted once all parts arrived.
 

@@ -7,9 +7,11 @@ tutorial's 125,829,120 (q, k and v each get their own A matrix).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .errors import CaptuneError
@@ -47,6 +49,28 @@ def add_lora(model: nn.Module, rank: int, alpha: int, dropout: float, vision: bo
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def init_lora_weights(model: nn.Module, seed: int, place=None) -> None:
+    """LoRA's starting point as PEFT draws it (A: Kaiming-uniform, B: zero), from `seed` alone.
+
+    The values do not depend on the device, the number of processes or how FSDP shards them, so a sharded run
+    starts where a single process does. `place(param, full)` writes one full tensor (default: a plain copy).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            full = torch.empty(param.shape)
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        elif ".lora_B." in name:
+            full = torch.zeros(param.shape)
+        else:
+            continue
+        with torch.no_grad():
+            if place is None:
+                param.copy_(full)
+            else:
+                place(param, full)
 
 
 def layer_pattern(names: list[str], layers_prefix: str) -> str:

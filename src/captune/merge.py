@@ -43,7 +43,7 @@ from .convert import (
     _lm_head_in,
     copy_release_files,
     internvl_config_from_native,
-    iter_native_tensors,
+    iter_model_tensors,
     normalize_native_key,
     original_from_native,
     output_shard_name,
@@ -239,20 +239,10 @@ def check_fits(adapter: Adapter, ckpt: Checkpoint, keymap: KeyMap) -> None:
                            f"{more}", adapter.path)
 
 
-def iter_base_native(ckpt: Checkpoint, shard: Path, keymap: KeyMap) -> Iterator[tuple[str, torch.Tensor]]:
-    """The native (name, tensor) pairs of one base shard, whatever the base's layout."""
-    if ckpt.layout == "internvl":
-        yield from iter_native_tensors(ckpt, shard, keymap)
-        return
-    for key, tensor in iter_shard(shard):
-        if not _IGNORED_KEYS.match(key):
-            yield normalize_native_key(key), tensor
-
-
 def merged_shard(ckpt: Checkpoint, shard: Path, keymap: KeyMap, adapter: Adapter,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One base shard with the adapter merged in, native names, in `dtype`."""
-    return {key: adapter.merged(key, t, dtype) for key, t in iter_base_native(ckpt, shard, keymap)}
+    return {key: adapter.merged(key, t, dtype) for key, t in iter_model_tensors(ckpt, shard, keymap)}
 
 
 def write_merged_weights(ckpt: Checkpoint, keymap: KeyMap, adapter: Adapter, outs: dict[str, Path],

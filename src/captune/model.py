@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, has_tokenizer, open_checkpoint
-from .convert import KeyMap, _lm_head_in, check_supported, iter_native_tensors, native_config
+from .convert import KeyMap, _lm_head_in, check_supported, native_config
 from .errors import CaptuneError
 
 _DTYPES = {
@@ -57,6 +58,7 @@ def load(
     `path` may also be a LoRA adapter folder written by `captune train`: its base model is loaded and the adapter
     merged in memory (`base` overrides the base model recorded in the adapter).
     `image_token_id` is only needed for checkpoints without a tokenizer (the id of `<IMG_CONTEXT>`).
+    `device="meta"` gives the model without weights (for FSDP, which shards it first; see `fill_weights`).
     """
     from .lora import is_adapter_folder
 
@@ -73,7 +75,9 @@ def load(
         if image_token_id is None:
             image_token_id = image_token_ids(tokenizer)["<IMG_CONTEXT>"]
 
-    if ckpt.layout == "internvl":
+    if device.type == "meta":  # shapes only, for FSDP: see `empty_model`
+        model = empty_model(ckpt, attn_implementation, image_token_id).to(dtype)
+    elif ckpt.layout == "internvl":
         model = _load_original(ckpt, dtype, device, attn_implementation, image_token_id)
     else:
         model = _load_native(ckpt, dtype, device, attn_implementation, image_token_id)
@@ -107,50 +111,90 @@ def _load_original(ckpt: Checkpoint, dtype, device, attn_implementation, image_t
 
     Peak memory is the model in `dtype` plus one tensor: no state dict of the whole model is ever built.
     """
-    from transformers import InternVLForConditionalGeneration
+    model = empty_model(ckpt, attn_implementation, image_token_id)
 
-    config_path = ckpt.path / "config.json"
-    check_supported(ckpt.config, config_path)
-    keymap = KeyMap(ckpt.config)
-    tie = not _lm_head_in(ckpt)
-    config = native_config(ckpt.config, image_token_id, tie_word_embeddings=tie)
-    with torch.device("meta"):
-        model = InternVLForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
+    def assign(name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
+        module_name, _, attr = name.rpartition(".")
+        value = tensor.to(device=device, dtype=dtype)
+        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=param.requires_grad)
 
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for shard in ckpt.shards:
-        for key, tensor in iter_native_tensors(ckpt, shard, keymap):
-            target = params.get(key)
-            if target is None:
-                raise CaptuneError(f"tensor {key!r} has no place in the native model", shard)
-            if tensor.shape != target.shape:
-                raise CaptuneError(
-                    f"tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}", shard
-                )
-            module_name, _, name = key.rpartition(".")
-            value = tensor.to(device=device, dtype=dtype)
-            model.get_submodule(module_name)._parameters[name] = nn.Parameter(value, requires_grad=target.requires_grad)
-            loaded.add(key)
-    if tie:
+    fill_weights(model, ckpt, assign)
+    if not _lm_head_in(ckpt):
         model.tie_weights()
-        loaded |= {k for k, p in model.named_parameters() if not p.is_meta}
-    missing = sorted(set(params) - loaded)
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CaptuneError(f"checkpoint is missing {', '.join(missing[:5])}{more}", ckpt.path)
-    _materialize_buffers(model, device)
+    rebuild_buffers(model, device, only_meta=True)
     return model
 
 
-def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute buffers left on the meta device (rotary frequencies): they are derived from the config."""
+def empty_model(ckpt: Checkpoint, attn_implementation: str = "sdpa", image_token_id: int | None = None):
+    """The native model of a checkpoint folder (either layout) on the meta device: shapes, no memory.
+
+    FSDP shards this before any weight exists, then `fill_weights` loads each rank's part.
+    """
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    if ckpt.layout == "internvl":
+        check_supported(ckpt.config, ckpt.path / "config.json")
+        config = native_config(ckpt.config, image_token_id, tie_word_embeddings=not _lm_head_in(ckpt))
+    else:
+        config = InternVLConfig.from_pretrained(ckpt.path)
+        if image_token_id is not None:
+            config.image_token_id = image_token_id
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+# PEFT wraps a layer without renaming its weights' place in the base model; these segments undo the wrapping.
+_WRAPPER_SEGMENTS = re.compile(r"^base_model\.model\.|\.base_layer(?=\.)|\.original_module(?=\.)|\.modules_to_save\.[^.]+(?=\.)")
+
+
+def fill_weights(model: nn.Module, ckpt: Checkpoint, put) -> None:
+    """Stream a checkpoint's tensors, in native names, into the parameters of `model` (plain or PEFT-wrapped).
+
+    `put(name, param, tensor)` places one full tensor; every name, shape and missing weight is checked.
+    """
+    from .convert import iter_model_tensors
+
+    targets: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        if ".lora_" not in name:
+            targets.setdefault(_WRAPPER_SEGMENTS.sub("", name), []).append((name, param))
+    keymap = KeyMap(ckpt.config) if ckpt.layout == "internvl" else None
+    loaded: set[str] = set()
+    for shard in ckpt.shards:
+        for key, tensor in iter_model_tensors(ckpt, shard, keymap):
+            places = targets.get(key)
+            if places is None:
+                if key == "lm_head.weight" and model.config.get_text_config().tie_word_embeddings:
+                    continue
+                raise CaptuneError(f"tensor {key!r} has no place in the native model", shard)
+            for name, param in places:
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise CaptuneError(f"tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies "
+                                       f"{tuple(param.shape)}", shard)
+                put(name, param, tensor)
+            loaded.add(key)
+    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
+    missing = sorted(set(targets) - loaded - tied)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CaptuneError(f"checkpoint is missing {', '.join(missing[:5])}{more}", ckpt.path)
+
+
+def rebuild_buffers(model: nn.Module, device: torch.device, only_meta: bool = False) -> None:
+    """Recompute the buffers of parameter-free modules (rotary frequencies): they are derived from the config.
+
+    Needed after meta-device loading (`only_meta`) and after FSDP's `to_empty`, which leaves them uninitialised.
+    """
     for name, module in list(model.named_modules()):
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
+        buffers = list(module.buffers(recurse=False))
+        if not buffers or (only_meta and not any(b.is_meta for b in buffers)):
             continue
         if any(True for _ in module.parameters(recurse=False)) or not hasattr(module, "config"):
-            raise RuntimeError(f"cannot materialise buffers of {name} ({type(module).__name__})")
+            if only_meta:
+                raise RuntimeError(f"cannot materialise buffers of {name} ({type(module).__name__})")
+            continue
         rebuilt = type(module)(config=module.config).to(device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)

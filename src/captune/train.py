@@ -141,7 +141,8 @@ def _wrap(loss_module: CaptionLoss, ctx: distributed.Context, config: cfg.TrainC
     if config.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # The model is held in float32 (sharded, so affordable); layers compute in the run's dtype.
+        # Frozen weights stay in the run's dtype, LoRA weights in float32; layers compute in the run's dtype and
+        # gradients are reduced in float32.
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         net = loss_module.net
         for layer in list(net.model.language_model.layers) + list(net.model.vision_tower.encoder.layer):
@@ -151,6 +152,29 @@ def _wrap(loss_module: CaptionLoss, ctx: distributed.Context, config: cfg.TrainC
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(loss_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def _load_shards(loss_module: CaptionLoss, config: cfg.TrainConfig, device: torch.device) -> None:
+    """Give the meta-device model, already sharded by FSDP2, its weights: each rank streams the checkpoint one
+    tensor at a time and keeps only its own slice, so no process ever holds the whole model."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from .checkpoint import open_checkpoint
+    from .lora import init_lora_weights
+    from .model import fill_weights, rebuild_buffers
+
+    loss_module.to_empty(device=device)
+
+    def place(param, full: torch.Tensor) -> None:
+        full = full.to(device=device, dtype=param.dtype)
+        with torch.no_grad():
+            if isinstance(param, DTensor):  # src_data_rank=None: slice locally, no communication
+                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(full)
+
+    fill_weights(loss_module.model, open_checkpoint(config.model), lambda _name, param, full: place(param, full))
+    rebuild_buffers(loss_module.net, device)
+    init_lora_weights(loss_module.model, config.seed, place)
 
 
 def _optimizer(model: nn.Module, config: cfg.TrainConfig) -> torch.optim.Optimizer:
@@ -174,15 +198,20 @@ def _scheduler(optimizer, config: cfg.TrainConfig, total_steps: int):
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
-def _adapter_state(model: nn.Module, ctx: distributed.Context, config: cfg.TrainConfig) -> dict:
+def _trainable_state(wrapped: nn.Module) -> dict:
+    """Under FSDP2: the full (gathered) trainable weights, keyed by parameter name; frozen ones are never gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=True))
+
+
+def _adapter_state(model: nn.Module, trainable: dict | None) -> dict:
     from peft import get_peft_model_state_dict
 
-    if config.fsdp and ctx.distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        prefix = "model."
-        return get_peft_model_state_dict(model.model, state_dict={k.removeprefix(prefix): v for k, v in full.items()})
+    if trainable is not None:
+        return get_peft_model_state_dict(model.model, state_dict={k.removeprefix("model."): v
+                                                                   for k, v in trainable.items()})
     return get_peft_model_state_dict(model.model)
 
 
@@ -190,8 +219,10 @@ def save_checkpoint(out: Path, step: int, loss_module: nn.Module, wrapped: nn.Mo
                     ctx: distributed.Context, config: cfg.TrainConfig, extra: dict, name: str | None = None) -> None:
     from safetensors.torch import save_file
 
-    adapter = _adapter_state(loss_module, ctx, config)
-    if config.fsdp and ctx.distributed:
+    sharded = config.fsdp and ctx.distributed
+    trainable = _trainable_state(wrapped) if sharded else None
+    adapter = _adapter_state(loss_module, trainable)
+    if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         opt_state = get_optimizer_state_dict(wrapped, optimizer,
@@ -214,6 +245,8 @@ def save_checkpoint(out: Path, step: int, loss_module: nn.Module, wrapped: nn.Mo
                   str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rngs, **extra}
+    if sharded:  # resuming loads these into the shards; the PEFT file's names no longer match the wrapped model
+        state["trainable"] = trainable
     write_checkpoint(out, name or checkpoint_name(step), write_adapter, state, out / cfg.RUN_CONFIG)
     if name is None:
         prune_checkpoints(out, config.keep_checkpoints)
@@ -224,13 +257,18 @@ def _restore(path: Path, loss_module: CaptionLoss, wrapped, optimizer, scheduler
     from safetensors.torch import load_file
 
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    set_peft_model_state_dict(loss_module.model, load_file(path / "adapter_model.safetensors"))
     if config.fsdp and ctx.distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
+        if "trainable" not in state:
+            raise CaptuneError("was not written by an FSDP run (no full trainable state); resume it without --fsdp",
+                               path)
+        set_model_state_dict(wrapped, state["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
         set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
+        set_peft_model_state_dict(loss_module.model, load_file(path / "adapter_model.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state
@@ -273,7 +311,7 @@ def train(config: cfg.TrainConfig) -> Path:
     """Run (or resume) a LoRA fine-tuning; return the folder of the final adapter."""
     from tqdm import tqdm
 
-    from .lora import add_lora, count_parameters
+    from .lora import add_lora, count_parameters, init_lora_weights
     from .model import load, resolve_dtype
 
     ctx = distributed.init(config.device)
@@ -283,16 +321,20 @@ def train(config: cfg.TrainConfig) -> Path:
         out = Path(config.out)
         log = RunLog(out, enabled=ctx.is_main)
         log.info(f"training {config.model} on {config.data} -> {out}" + (f" ({ctx.world_size} processes)" if ctx.distributed else ""))
-        torch.manual_seed(config.seed + ctx.rank)
-
         sharded = config.fsdp and ctx.distributed
-        model, processor = load(config.model, dtype=torch.float32 if sharded else torch_dtype,
-                                device="cpu" if sharded else ctx.device)
+        if config.eval_every > 0 and sharded:
+            raise CaptuneError("--eval-every needs the whole model in one process; it does not work with --fsdp "
+                               "(evaluate a checkpoint with `captune eval` instead)")
+        # Under FSDP2 the model is built on the meta device and each rank loads only its shard of every weight.
+        model, processor = load(config.model, dtype=torch_dtype, device="meta" if sharded else ctx.device)
         if processor is None:
             raise CaptuneError("has no tokenizer files; cannot train", config.model)
         model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_vision,
                          config.train_projector)
+        if not sharded:
+            init_lora_weights(model, config.seed)
         _trainable_to_float32(model)
+        torch.manual_seed(config.seed + ctx.rank)  # LoRA dropout: each rank draws its own numbers
         trainable, total = count_parameters(model)
         log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
         if config.gradient_checkpointing:
@@ -318,6 +360,8 @@ def train(config: cfg.TrainConfig) -> Path:
             model.base_model.model.model.language_model.set_attn_implementation("flex_attention")
         loss_module = CaptionLoss(model)
         wrapped = _wrap(loss_module, ctx, config, torch_dtype)
+        if sharded:
+            _load_shards(loss_module, config, ctx.device)
         optimizer = _optimizer(wrapped, config)
         scheduler = _scheduler(optimizer, config, schedule.total_steps)
         start_step, best, state = 0, {"cider": -1.0}, None
@@ -341,7 +385,7 @@ def train(config: cfg.TrainConfig) -> Path:
         if state is not None:  # after everything that draws random numbers on the way to the first step
             _restore_rng(state, ctx)
         autocast = (torch.autocast(device_type=ctx.device.type, dtype=torch_dtype)
-                    if torch_dtype != torch.float32 and not sharded else nullcontext())
+                    if torch_dtype != torch.float32 else nullcontext())
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
 
