@@ -224,6 +224,22 @@ def test_fsdp2_resume_gives_the_same_loss_curve(tiny_data, tmp_path):
     assert curve() == straight  # bit for bit, dropout included
 
 
+def test_compiled_training_gives_the_same_losses(tiny_data, tmp_path):
+    """--compile on: the LLM compiled for rows padded to the token budget, the vision tower for any tile count
+    (on the CPU with the dense mask; tests/test_gpu.py checks FlexAttention)."""
+    from captune.train import train
+
+    root, model, _ = tiny_data
+    settings = dict(max_steps=2, save_every=2, lora_dropout=0.0, token_budget=1024)
+    train(run_config(root, model, tmp_path / "eager", **settings))
+    train(run_config(root, model, tmp_path / "compiled", compile="on", **settings))
+    assert "compiling the model" in (tmp_path / "compiled" / "train.log").read_text()
+    for key in ("loss", "grad_norm"):
+        compiled = [r[key] for r in read_log(tmp_path / "compiled")]
+        eager = [r[key] for r in read_log(tmp_path / "eager")]
+        assert compiled == pytest.approx(eager, rel=1e-5), key
+
+
 def test_in_training_evaluation_keeps_the_best_checkpoint(tmp_path):
     """--eval-every: captions K test images with the current weights, logs BLEU-4/METEOR/CIDEr, keeps `best/`."""
     from captune.demo import base_model_path

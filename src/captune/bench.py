@@ -217,41 +217,74 @@ def _flops_per_step(model, batch, vision_tokens: int) -> float:
     lm = model.model.language_model
     cfg = lm.config
     n_llm = sum(p.numel() for p in lm.parameters()) + model.lm_head.weight.numel() * 0  # head: supervised rows only
-    tokens = int((batch.input_ids != -1).sum())
-    attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * tokens * tokens / batch.input_ids.shape[0] / 2
+    tokens = _real_tokens(batch)
+    attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * _attended_pairs(batch)  # QK^T and AV, forward
     n_vis = sum(p.numel() for p in model.model.vision_tower.parameters())
     return 4 * n_llm * tokens + 3 * attn + 2 * n_vis * vision_tokens
 
 
 def _time_training(loss_module, optimizer, batches, device, warmup: int, steps: int) -> tuple[float, float]:
-    """Seconds per micro-batch (forward, backward, optimizer step), and peak GB."""
+    """Seconds per micro-batch (forward and backward; one optimizer step per `steps` micro-batches, as gradient
+    accumulation does: the recipe steps once per 512 captions), and peak GB."""
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
-    def one(batch):
-        with autocast:
-            loss = loss_module(batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids,
-                               batch.pixel_values)
-        (loss / batch.num_tokens).backward()
+    def run(n: int, offset: int) -> None:
+        for i in range(n):
+            batch = batches[(offset + i) % len(batches)]
+            with autocast:
+                loss = loss_module(batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids,
+                                   batch.pixel_values)
+            (loss / batch.num_tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for i in range(warmup):
-        one(batches[i % len(batches)])
+    run(warmup, 0)
     _cuda_sync(device)
     _reset_peak(device)
     start = time.perf_counter()
-    for i in range(steps):
-        one(batches[i % len(batches)])
+    run(steps, warmup)
     _cuda_sync(device)
     return (time.perf_counter() - start) / steps, _peak_gb(device)
+
+
+def _real_tokens(batch) -> int:
+    """Tokens that are not padding."""
+    from .packing import PrefixSharing
+
+    if isinstance(batch.attention_mask, PrefixSharing):
+        return int((batch.attention_mask.doc >= 0).sum())
+    return int(batch.attention_mask.sum())
+
+
+def _attended_pairs(batch) -> int:
+    """(query, key) pairs the attention computes: causal rows, or block-diagonal groups with caption branches."""
+    from .packing import PrefixSharing
+
+    if not isinstance(batch.attention_mask, PrefixSharing):
+        t = batch.input_ids.shape[1]
+        return batch.input_ids.shape[0] * t * (t + 1) // 2
+    total = 0
+    doc, branch = batch.attention_mask.doc.cpu(), batch.attention_mask.branch.cpu()
+    for r in range(doc.shape[0]):
+        for d in doc[r].unique().tolist():
+            if d < 0:
+                continue
+            br = branch[r][doc[r] == d]
+            p = int((br == 0).sum())
+            total += p * (p + 1) // 2
+            for k in br[br > 0].unique().tolist():
+                m = int((br == k).sum())
+                total += m * p + m * (m + 1) // 2
+    return total
 
 
 def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, batch_size: int = 4,
                 budgets: tuple[int, ...] = (8192, 16384), device: str = "cuda", out: str | None = None,
                 peak_tflops: float = 989.0, model_config: dict | None = None, compile_layers: bool = True) -> dict:
     """(a) the tutorial's way: one caption per sample, batch 4, gradient checkpointing, full logits;
-    (b) captune's default: each image once for its five captions, packed rows, FlexAttention, logits only where
-    there is a loss; with and without gradient checkpointing. Same GPU, same run."""
+    (b) captune's default: each image once for its five captions, rows packed (and padded) to 8,192 tokens,
+    FlexAttention, logits only where there is a loss, LLM and vision tower compiled; and the steps on the way
+    (eager, with PEFT's float32 input casts, with checkpointing). Same GPU, same run."""
     from .batching import collate_separate
     from .lora import add_lora
     from .model import resolve_device
@@ -294,7 +327,7 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
             return
         b = batches[0]
         captions = sum(x.num_captions for x in batches) / len(batches)
-        tokens = sum(int(x.input_ids.numel()) for x in batches) / len(batches)
+        tokens = sum(_real_tokens(x) for x in batches) / len(batches)
         flops = sum(_flops_per_step(net, x, x.pixel_values.shape[0] * 1025) for x in batches) / len(batches)
         rate = captions / seconds
         result["variants"][name] = {
@@ -302,6 +335,7 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
             "caption_samples_per_s": rate, "tokens_per_s": tokens / seconds,
             "mfu": flops / seconds / (peak_tflops * 1e12), "peak_gb": peak,
             "coco_epoch_hours": 566_747 / rate / 3600, "rows": int(b.input_ids.shape[0]),
+            "row_tokens": int(b.input_ids.shape[1]),
             "gradient_checkpointing": checkpointing,
         }
         print(name, json.dumps(result["variants"][name]), flush=True)
@@ -322,21 +356,30 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
     group_items = [{"pixel_values": pixels[i], "encodings": g} for i, g in groups.items()]
     if dev.type == "cuda":
         peft.base_model.model.model.language_model.set_attn_implementation("flex_attention")
-    packs = {}
-    for budget in budgets:
-        per_batch = max(1, budget // 1900)
-        packs[budget] = [collate_shared(group_items[i : i + per_batch], processor.pad_token_id, budget)
-                         for i in range(0, len(group_items) - per_batch + 1, per_batch)]
-        for ckpt in (False, True):
-            record(f"b_shared_{budget}{'_ckpt' if ckpt else ''}", packs[budget], CaptionLoss(peft), checkpointing=ckpt)
-    if compile_layers and dev.type == "cuda":
-        from .train import compile_decoder_layers
 
-        compile_decoder_layers(peft)
-        for budget in budgets:
-            for ckpt in (False, True):
-                record(f"b_shared_{budget}_compiled{'_ckpt' if ckpt else ''}", packs[budget], CaptionLoss(peft),
-                       checkpointing=ckpt)
+    def packs(budget: int) -> list:
+        per_batch = max(1, budget // 1900)
+        return [collate_shared(group_items[i : i + per_batch], processor.pad_token_id, budget, pad_to_budget=True)
+                for i in range(0, len(group_items) - per_batch + 1, per_batch)]
+
+    lora_layers = [m for m in peft.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for m in lora_layers:  # PEFT's default, for the record: every LoRA input copied to float32
+        m.cast_input_dtype_enabled = True
+    first = budgets[0]
+    record("b_eager_peft_input_cast", packs(first), CaptionLoss(peft), checkpointing=False)
+    for m in lora_layers:
+        m.cast_input_dtype_enabled = False
+    record("b_eager", packs(first), CaptionLoss(peft), checkpointing=False)
+    record("b_eager_ckpt", packs(first), CaptionLoss(peft), checkpointing=True)
+    if compile_layers and dev.type == "cuda":
+        from .train import compile_model
+
+        compile_model(peft.base_model.model)
+        t0 = time.perf_counter()
+        record("b_default", packs(first), CaptionLoss(peft), checkpointing=False)  # the recipe's configuration
+        result["compile_and_measure_s"] = time.perf_counter() - t0
+        for budget in budgets[1:]:
+            record(f"b_{budget}_compiled", packs(budget), CaptionLoss(peft), checkpointing=False)
     base = result["variants"].get("a_tutorial", {}).get("caption_samples_per_s")
     for v in result["variants"].values():
         if base and "caption_samples_per_s" in v:

@@ -63,6 +63,8 @@ class TrainConfig:
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
     fsdp: bool = False  # shard parameters with FSDP2 (models too large to replicate: 26B and up)
+    compile: str = "auto"  # auto | on | off: torch.compile the LLM (rows padded to token_budget) and vision tower;
+    #                        auto = on a GPU with shared prefixes and without FSDP (~2 minutes to compile)
     device: str = "auto"
 
     # checkpoints, logs, in-training evaluation
@@ -182,6 +184,8 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise CaptuneError(f"--{name} is required")
     if config.share_prefix not in ("auto", "on", "off"):
         raise CaptuneError(f"--share-prefix must be auto, on or off, not {config.share_prefix!r}")
+    if config.compile not in ("auto", "on", "off"):
+        raise CaptuneError(f"--compile must be auto, on or off, not {config.compile!r}")
     if config.resume not in ("auto", "true", "false"):
         raise CaptuneError(f"--resume must be auto, true or false, not {config.resume!r}")
     if config.lr_scheduler not in ("cosine", "linear", "constant"):

@@ -148,7 +148,8 @@ class PrefixSharing:
             return (doc[b, q] == doc[b, k]) & (k <= q) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
 
         b, t = doc.shape
-        return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=doc.device)
+        # compiled on the GPU: evaluating mask_mod eagerly over T x T positions takes ~10 ms a micro-batch
+        return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=doc.device, _compile=doc.is_cuda)
 
 
 def pack(groups: list[PackedGroup], token_budget: int) -> list[list[int]]:
@@ -167,8 +168,11 @@ def pack(groups: list[PackedGroup], token_budget: int) -> list[list[int]]:
     return rows
 
 
-def collate_shared(items: list[dict], pad_token_id: int, token_budget: int):
-    """Pack image groups into rows; returns a TrainBatch whose attention mask is a PrefixSharing."""
+def collate_shared(items: list[dict], pad_token_id: int, token_budget: int, pad_to_budget: bool = False):
+    """Pack image groups into rows; returns a TrainBatch whose attention mask is a PrefixSharing.
+
+    `pad_to_budget` pads every row to `token_budget` tokens: one shape for a compiled model (no recompilation).
+    """
     from .batching import TrainBatch
 
     packed, pixel_values = [], []
@@ -188,6 +192,8 @@ def collate_shared(items: list[dict], pad_token_id: int, token_budget: int):
     rows = pack(packed, token_budget)
     order = [i for row in rows for i in row]
     length = max(sum(packed[i].length for i in row) for row in rows)
+    if pad_to_budget:
+        length = max(length, token_budget)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)

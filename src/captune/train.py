@@ -38,11 +38,17 @@ from .runlog import RunLog
 from .templates import IGNORE_INDEX
 
 
-def compile_decoder_layers(model: nn.Module) -> None:
-    """torch.compile each LLM decoder layer (fuses norms, RoPE, SiLU and the LoRA additions around the matmuls)."""
-    net = model.base_model.model if hasattr(model, "base_model") else model
-    for layer in net.model.language_model.layers:
-        layer.compile(dynamic=True)
+def compile_model(net: nn.Module) -> None:
+    """torch.compile the LLM for one static row shape (fuses norms, RoPE, SiLU, LoRA dropout and additions around
+    the matmuls; 40% off its forward + backward on an H100) and the frozen vision tower for any tile count."""
+    net.model.language_model.compile(dynamic=False)
+    net.model.vision_tower.compile(dynamic=True)
+
+
+def should_compile(config: cfg.TrainConfig, device: torch.device, shared: bool, sharded: bool) -> bool:
+    if config.compile != "auto":
+        return config.compile == "on"
+    return device.type == "cuda" and shared and not sharded
 
 
 class CaptionLoss(nn.Module):
@@ -84,13 +90,13 @@ class CaptionLoss(nn.Module):
 
 
 class _Collate:
-    def __init__(self, pad_token_id: int, shared: bool, token_budget: int):
-        self.pad_token_id, self.shared, self.token_budget = pad_token_id, shared, token_budget
+    def __init__(self, pad_token_id: int, shared: bool, token_budget: int, static: bool):
+        self.pad_token_id, self.shared, self.token_budget, self.static = pad_token_id, shared, token_budget, static
 
     def __call__(self, items):
         errors = [it for it in items if "error" in it]
         if self.shared:
-            return collate_shared(items, self.pad_token_id, self.token_budget), errors
+            return collate_shared(items, self.pad_token_id, self.token_budget, pad_to_budget=self.static), errors
         return collate_separate(items, self.pad_token_id), errors
 
 
@@ -358,6 +364,10 @@ def train(config: cfg.TrainConfig) -> Path:
         if shared and ctx.device.type == "cuda":
             # FlexAttention skips the masked-out blocks; on the CPU (no FlexAttention backward) SDPA takes the mask dense
             model.base_model.model.model.language_model.set_attn_implementation("flex_attention")
+        compiled = should_compile(config, ctx.device, shared, sharded)
+        if compiled:
+            log.info("compiling the model (torch.compile; the first steps take a few minutes)")
+            compile_model(model.base_model.model)
         loss_module = CaptionLoss(model)
         wrapped = _wrap(loss_module, ctx, config, torch_dtype)
         if sharded:
@@ -378,7 +388,7 @@ def train(config: cfg.TrainConfig) -> Path:
                    else CaptionTrainDataset(samples, processor, config.max_tiles, config.max_seq_length))
         loader = DataLoader(dataset, batch_sampler=list(schedule.for_rank(ctx.rank, start_step)),
                             num_workers=config.num_workers,
-                            collate_fn=_Collate(processor.pad_token_id, shared, config.token_budget),
+                            collate_fn=_Collate(processor.pad_token_id, shared, config.token_budget, static=compiled),
                             pin_memory=ctx.device.type == "cuda",
                             prefetch_factor=4 if config.num_workers > 0 else None)
         batches = iter(loader)
@@ -465,7 +475,11 @@ def _evaluate_during_training(step, loss_module, wrapped, optimizer, scheduler, 
         evalset = resolve_eval_set(config.eval_data or config.data, limit=config.eval_limit)
         net = loss_module.net
         net.eval()
-        with tempfile.TemporaryDirectory() as tmp:
+        dtype = next(p.dtype for p in net.model.language_model.parameters() if not p.requires_grad)
+        # generation runs eagerly (the compiled LLM is for the training shape) and, like training, under autocast:
+        # the float32 LoRA weights meet bf16 activations
+        with tempfile.TemporaryDirectory() as tmp, torch.compiler.set_stance("force_eager"), \
+                torch.autocast(device_type=ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
             caption_log = CaptionLog(Path(tmp), 0, False)
             settings = EvalSettings(model=config.model, test_json=str(evalset.gt_path), max_tiles=config.max_tiles)
             generate_captions(net, processor, evalset.images, caption_log, settings, batch_size=8, num_workers=0,
