@@ -233,7 +233,7 @@ def _time_training(loss_module, optimizer, batches, device, warmup: int, steps: 
             batch = batches[(offset + i) % len(batches)]
             with autocast:
                 loss = loss_module(batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids,
-                                   batch.pixel_values)
+                                   batch.pixel_values, batch.num_tokens)
             (loss / batch.num_tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -245,6 +245,16 @@ def _time_training(loss_module, optimizer, batches, device, warmup: int, steps: 
     run(steps, warmup)
     _cuda_sync(device)
     return (time.perf_counter() - start) / steps, _peak_gb(device)
+
+
+def _profile(loss_module, optimizer, batches, device, path: Path) -> None:
+    """torch.profiler's table of two micro-batches: where the time of a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [b.to(device, torch.bfloat16) for b in batches]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _time_training(loss_module, optimizer, batches, device, warmup=0, steps=2)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60))
 
 
 def _real_tokens(batch) -> int:
@@ -378,6 +388,8 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
         t0 = time.perf_counter()
         record("b_default", packs(first), CaptionLoss(peft), checkpointing=False)  # the recipe's configuration
         result["compile_and_measure_s"] = time.perf_counter() - t0
+        if out:
+            _profile(CaptionLoss(peft), optimizer, packs(first), dev, Path(out) / "bench_train_profile.txt")
         for budget in budgets[1:]:
             record(f"b_{budget}_compiled", packs(budget), CaptionLoss(peft), checkpointing=False)
     base = result["variants"].get("a_tutorial", {}).get("caption_samples_per_s")

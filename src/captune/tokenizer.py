@@ -43,7 +43,10 @@ def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
     if _is_internlm2(folder, config):
         return _internlm2_tokenizer(folder, config)
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        # An empty config: an original release's config.json (internvl_chat) is unknown to AutoConfig, which
+        # would only warn about it; the tokenizer files say everything needed.
+        return transformers.AutoTokenizer.from_pretrained(str(folder), config=transformers.PretrainedConfig(),
+                                                          trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError...)
         raise CaptuneError(f"cannot load the tokenizer: {type(e).__name__}: {e}", folder) from None
 

@@ -68,7 +68,8 @@ class CaptionLoss(nn.Module):
     def net(self):
         return self.model.base_model.model if hasattr(self.model, "base_model") else self.model
 
-    def forward(self, input_ids, targets, attention_mask, position_ids, pixel_values) -> torch.Tensor:
+    def forward(self, input_ids, targets, attention_mask, position_ids, pixel_values,
+                num_supervised: int | None = None) -> torch.Tensor:
         net = self.net
         if isinstance(attention_mask, PrefixSharing):
             flex = net.config.text_config._attn_implementation == "flex_attention"
@@ -80,10 +81,13 @@ class CaptionLoss(nn.Module):
             logits = net.lm_head(hidden).float()  # [B, T, V]
             return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
                                                ignore_index=IGNORE_INDEX)
-        keep = targets != IGNORE_INDEX
-        h, y = hidden[keep], targets[keep]  # [N, D], [N]
+        keep = (targets != IGNORE_INDEX).flatten()
+        # with the count known on the host, no device-to-host sync: the backward is queued while the forward runs
+        where = (keep.nonzero().squeeze(1) if num_supervised is None
+                 else torch.nonzero_static(keep, size=num_supervised).squeeze(1))  # [N]
+        h, y = hidden.flatten(0, 1).index_select(0, where), targets.flatten().index_select(0, where)  # [N, D], [N]
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, h.shape[0], self.chunk):
+        for start in range(0, h.shape[0], self.chunk):  # h.shape[0] is N: known without a sync
             logits = net.lm_head(h[start : start + self.chunk]).float()  # [n, V]
             total = total + nn.functional.cross_entropy(logits, y[start : start + self.chunk], reduction="sum")
         return total
@@ -423,7 +427,7 @@ def train(config: cfg.TrainConfig) -> Path:
                 sync = i == len(micro) - 1 or not ctx.distributed or config.fsdp
                 with (wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else nullcontext()), autocast:
                     loss_sum = wrapped(batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids,
-                                       batch.pixel_values)
+                                       batch.pixel_values, batch.num_tokens)
                 # DDP averages gradients over processes; scale so the result is the mean over all tokens.
                 (loss_sum * ctx.world_size / n_tokens).backward()
                 loss_total += loss_sum.detach()
