@@ -224,6 +224,35 @@ def test_fsdp2_resume_gives_the_same_loss_curve(tiny_data, tmp_path):
     assert curve() == straight  # bit for bit, dropout included
 
 
+def test_gradient_checkpointing_gives_the_same_gradients_without_a_vision_backward(tiny_data, tmp_path):
+    """Checkpointing changes memory, not the result; and it must not make autograd run the frozen vision tower
+    backward (transformers' input hooks would, even after checkpointing is turned off again)."""
+    import test_packing as tp
+    from captune.packing import GroupDataset, collate_shared, group_samples
+    from captune.train import enable_gradient_checkpointing
+
+    samples, processor, peft = tp.build_setup(tmp_path)
+    for name, p in peft.named_parameters():
+        if "vision_tower" in name:
+            p.requires_grad_(False)  # the recipe: LoRA on the LLM only
+    groups = group_samples(samples, share=True)
+    batch = collate_shared([GroupDataset(samples, groups, processor, 6, 4096)[g] for g in range(len(groups))],
+                           processor.pad_token_id, 4096)
+    net = peft.base_model.model
+    vision_grad = []
+    net.model.vision_tower.register_forward_hook(lambda m, i, out: vision_grad.append(out.last_hidden_state.requires_grad))
+    peft.train()
+    loss_a, grads_a = tp.loss_and_grads(peft, batch)
+    enable_gradient_checkpointing(net)
+    loss_b, grads_b = tp.loss_and_grads(peft, batch)
+    net.gradient_checkpointing_disable()
+    loss_c, _ = tp.loss_and_grads(peft, batch)
+    assert vision_grad == [False, False, False]
+    assert tp.rel(loss_b, loss_a) < 1e-6 and tp.rel(loss_c, loss_a) < 1e-6
+    for name in grads_a:
+        assert tp.rel(grads_b[name], grads_a[name]) < 1e-5, name
+
+
 def test_compiled_training_gives_the_same_losses(tiny_data, tmp_path):
     """--compile on: the LLM compiled for rows padded to the token budget, the vision tower for any tile count
     (on the CPU with the dense mask; tests/test_gpu.py checks FlexAttention)."""

@@ -299,7 +299,7 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
     from .lora import add_lora
     from .model import resolve_device
     from .packing import collate_shared
-    from .train import CaptionLoss
+    from .train import CaptionLoss, enable_gradient_checkpointing
 
     dev = resolve_device(device)
     processor = bench_processor(tokenizer)
@@ -323,7 +323,7 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
     def record(name, batches, loss_module, checkpointing):
         net = loss_module.net
         if checkpointing:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(net)
         else:
             net.gradient_checkpointing_disable()
         peft.train()

@@ -64,7 +64,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     fsdp: bool = False  # shard parameters with FSDP2 (models too large to replicate: 26B and up)
     compile: str = "auto"  # auto | on | off: torch.compile the LLM (rows padded to token_budget) and vision tower;
-    #                        auto = on a GPU with shared prefixes and without FSDP (~2 minutes to compile)
+    #                        auto = on a GPU with shared prefixes, without FSDP or vision LoRA (~3 min to compile)
     device: str = "auto"
 
     # checkpoints, logs, in-training evaluation
