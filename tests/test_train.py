@@ -177,24 +177,26 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "captune", "train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_torchrun_two_processes_match_one(tiny_data, tmp_path, fsdp):
     """Same losses, gradient norms and adapter as one process. FSDP2 builds the model on the meta device and
-    loads each rank's shards; both start from the same LoRA initialisation."""
+    loads each rank's shards; both start from the same LoRA initialisation. Steps of three images, one image
+    per micro-batch: the processes must still run as many micro-batches each (FSDP would hang otherwise)."""
     from safetensors.torch import load_file
 
     from captune.train import train
 
     root, model, _ = tiny_data
     common = ["--model", str(model), "--data", str(root / "train.jsonl"), "--recipe", "tiny_cpu_lora",
-              "--max-steps", "3", "--save-every", "3", "--global-batch-size", "16", "--per-device-batch-size", "4",
+              "--max-steps", "3", "--save-every", "3", "--global-batch-size", "12", "--token-budget", "64",
               "--lora-dropout", "0", "--log-every", "1"]
     run = _torchrun(common + ["--out", str(tmp_path / "two"), "--fsdp", str(fsdp).lower()], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    train(run_config(root, model, tmp_path / "one", max_steps=3, save_every=3, lora_dropout=0.0))
+    train(run_config(root, model, tmp_path / "one", max_steps=3, save_every=3, lora_dropout=0.0,
+                     global_batch_size=12, token_budget=64))
     for key in ("loss", "grad_norm"):
         two = [r[key] for r in read_log(tmp_path / "two")]
         one = [r[key] for r in read_log(tmp_path / "one")]

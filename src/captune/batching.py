@@ -158,22 +158,37 @@ class Schedule:
             size = self.config.per_device_batch_size
             batches = [units[i : i + size] for i in range(0, len(units), size)]
             return [batches[r :: self.world] for r in range(self.world)]
-        plans = []
-        for r in range(self.world):
-            mine, batches, current, tokens = units[r :: self.world], [], [], 0
-            for unit in mine:
-                if current and tokens + self.lengths[unit] > self.config.token_budget:
-                    batches.append(current)
-                    current, tokens = [], 0
-                current.append(unit)
-                tokens += self.lengths[unit]
-            if current:
+        if len(units) < self.world:
+            raise CaptuneError(f"a step has fewer images than processes ({self.world}); raise --global-batch-size")
+        batches, current, tokens = [], [], 0
+        for unit in units:
+            if current and tokens + self.lengths[unit] > self.config.token_budget:
                 batches.append(current)
-            if not batches:
-                raise CaptuneError(f"a step has fewer images than processes ({self.world}); "
-                                   "raise --global-batch-size")
-            plans.append(batches)
-        return plans
+                current, tokens = [], 0
+            current.append(unit)
+            tokens += self.lengths[unit]
+        batches.append(current)
+        batches = self._equal_counts(batches, len(units))
+        return [batches[r :: self.world] for r in range(self.world)]
+
+    def _equal_counts(self, batches: list[list[int]], n_units: int) -> list[list[int]]:
+        """Make the number of micro-batches a multiple of the number of processes: under FSDP every micro-batch
+        is a collective, so all processes must run as many. Splits the fullest micro-batches (or, with too few
+        images to split, merges the smallest neighbours, which may then exceed the token budget)."""
+        world = self.world
+        up = -(-len(batches) // world) * world
+        size = lambda b: sum(self.lengths[u] for u in b)  # noqa: E731
+        if up <= n_units:
+            while len(batches) < up:
+                i = max(range(len(batches)), key=lambda j: (len(batches[j]) > 1, size(batches[j])))
+                b = batches[i]
+                batches[i : i + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]
+        else:
+            down = len(batches) // world * world
+            while len(batches) > down:
+                i = min(range(len(batches) - 1), key=lambda j: size(batches[j]) + size(batches[j + 1]))
+                batches[i : i + 2] = [batches[i] + batches[i + 1]]
+        return batches
 
     def plan(self, step: int) -> list[list[list[int]]]:
         epoch, k = divmod(step, self.steps_per_epoch)

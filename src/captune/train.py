@@ -173,7 +173,10 @@ def _wrap(loss_module: CaptionLoss, ctx: distributed.Context, config: cfg.TrainC
         return loss_module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(loss_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    # broadcast_buffers off: the only buffers (rotary frequencies) are the same everywhere, and a broadcast in
+    # every forward would pair up wrongly if processes ran different numbers of micro-batches
+    return DistributedDataParallel(loss_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def _load_shards(loss_module: CaptionLoss, config: cfg.TrainConfig, device: torch.device) -> None:
