@@ -289,7 +289,7 @@ def _attended_pairs(batch) -> int:
 
 
 def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, batch_size: int = 4,
-                budgets: tuple[int, ...] = (8192, 16384), device: str = "cuda", out: str | None = None,
+                budgets: tuple[int, ...] = (8192,), device: str = "cuda", out: str | None = None,
                 peak_tflops: float = 989.0, model_config: dict | None = None, compile_layers: bool = True) -> dict:
     """(a) the tutorial's way: one caption per sample, batch 4, gradient checkpointing, full logits;
     (b) captune's default: each image once for its five captions, rows packed (and padded) to 8,192 tokens,
