@@ -238,9 +238,11 @@ def _time_training(loss_module, optimizer, batches, device, warmup: int, steps: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    _reset_peak(device)  # frees the previous variant's cached blocks
     run(warmup, 0)
     _cuda_sync(device)
-    _reset_peak(device)
+    if device.type == "cuda":  # the timed steps reuse the warm-up's memory, as a training run does
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     run(steps, warmup)
     _cuda_sync(device)
