@@ -209,6 +209,23 @@ def test_torchrun_two_processes_match_one(tiny_data, tmp_path, fsdp):
     captune.load(tmp_path / "two" / "checkpoint-000003")
 
 
+def test_torchrun_compiled_matches_one_eager_process(tiny_data, tmp_path):
+    """DDP with the LLM and vision tower compiled (rows padded to the budget) == one eager process."""
+    from captune.train import train
+
+    root, model, _ = tiny_data
+    args = ["--model", str(model), "--data", str(root / "train.jsonl"), "--recipe", "tiny_cpu_lora", "--max-steps",
+            "2", "--save-every", "2", "--global-batch-size", "16", "--token-budget", "1024", "--lora-dropout", "0",
+            "--log-every", "1", "--compile", "on", "--out", str(tmp_path / "two")]
+    run = _torchrun(args, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    train(run_config(root, model, tmp_path / "one", max_steps=2, save_every=2, lora_dropout=0.0, token_budget=1024))
+    for key in ("loss", "grad_norm"):
+        two = [r[key] for r in read_log(tmp_path / "two")]
+        one = [r[key] for r in read_log(tmp_path / "one")]
+        assert two == pytest.approx(one, rel=1e-5), key
+
+
 def test_fsdp2_resume_gives_the_same_loss_curve(tiny_data, tmp_path):
     root, model, _ = tiny_data
     args = ["--model", str(model), "--data", str(root / "train.jsonl"), "--recipe", "tiny_cpu_lora", "--max-steps",
