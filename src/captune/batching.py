@@ -32,6 +32,12 @@ class TrainBatch:
     num_captions: int
     num_tokens: int  # supervised positions
 
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens that are not padding."""
+        mask = self.attention_mask
+        return int((mask.doc >= 0).sum()) if hasattr(mask, "doc") else int(mask.sum())
+
     def to(self, device: torch.device, dtype: torch.dtype) -> TrainBatch:
         moved = {}
         for f in fields(self):

@@ -161,12 +161,16 @@ def fill_weights(model: nn.Module, ckpt: Checkpoint, put) -> None:
         if ".lora_" not in name:
             targets.setdefault(_WRAPPER_SEGMENTS.sub("", name), []).append((name, param))
     keymap = KeyMap(ckpt.config) if ckpt.layout == "internvl" else None
+    net = model.base_model.model if hasattr(model, "peft_config") else model
+    head = net.get_output_embeddings()
+    head = getattr(head, "base_layer", head)  # a LoRA-wrapped head
+    tied = head.weight is net.get_input_embeddings().weight  # as the model itself was built, not as one flag says
     loaded: set[str] = set()
     for shard in ckpt.shards:
         for key, tensor in iter_model_tensors(ckpt, shard, keymap):
             places = targets.get(key)
             if places is None:
-                if key == "lm_head.weight" and model.config.get_text_config().tie_word_embeddings:
+                if key == "lm_head.weight" and tied:
                     continue
                 raise CaptuneError(f"tensor {key!r} has no place in the native model", shard)
             for name, param in places:
@@ -175,8 +179,7 @@ def fill_weights(model: nn.Module, ckpt: Checkpoint, put) -> None:
                                        f"{tuple(param.shape)}", shard)
                 put(name, param, tensor)
             loaded.add(key)
-    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
-    missing = sorted(set(targets) - loaded - tied)
+    missing = sorted(set(targets) - loaded - ({"lm_head.weight"} if tied else set()))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CaptuneError(f"checkpoint is missing {', '.join(missing[:5])}{more}", ckpt.path)

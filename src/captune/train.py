@@ -246,7 +246,7 @@ def save_checkpoint(out: Path, step: int, loss_module: nn.Module, wrapped: nn.Mo
 
     sharded = config.fsdp and ctx.distributed
     trainable = _trainable_state(wrapped) if sharded else None
-    adapter = _adapter_state(loss_module, trainable)
+    adapter = _adapter_state(loss_module, trainable) if ctx.is_main else None  # gathered on rank 0 only
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -289,7 +289,13 @@ def _restore(path: Path, loss_module: CaptionLoss, wrapped, optimizer, scheduler
         if "trainable" not in state:
             raise CaptuneError("was not written by an FSDP run (no full trainable state); resume it without --fsdp",
                                path)
-        set_model_state_dict(wrapped, state["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
+        result = set_model_state_dict(wrapped, state["trainable"],
+                                      options=StateDictOptions(full_state_dict=True, strict=False))
+        trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+        missing = sorted(trainable & set(result.missing_keys))
+        if missing:
+            raise CaptuneError(f"does not hold {missing[0]} ({len(missing)} trainable weights missing): was it "
+                               "written with other LoRA options?", path)
         set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
@@ -432,7 +438,7 @@ def train(config: cfg.TrainConfig) -> Path:
                 if batch is not None:
                     micro.append(batch)
             counts = torch.tensor([sum(b.num_tokens for b in micro), sum(b.num_captions for b in micro),
-                                   sum(b.input_ids.numel() for b in micro)], dtype=torch.float64, device=ctx.device)
+                                   sum(b.num_real_tokens for b in micro)], dtype=torch.float64, device=ctx.device)
             if ctx.distributed:
                 dist.all_reduce(counts)
             n_tokens = max(counts[0].item(), 1.0)
