@@ -33,8 +33,7 @@ def timed(fn, warmup: int = 2, steps: int = 5) -> float:
 
 
 def main() -> None:
-    from captune.bench import bench_processor, random_model, training_samples
-    from captune.lora import add_lora
+    from captune.bench import bench_processor, lora_model, training_samples
     from captune.packing import collate_shared
     from captune.train import CaptionLoss
 
@@ -57,12 +56,7 @@ def main() -> None:
         from test_bench import tiny_config
 
         config = tiny_config()
-    model = random_model(dev, torch.bfloat16, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                         model_config=config)
-    peft = add_lora(model, rank=128, alpha=256, dropout=0.05)
-    for p in peft.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    peft = lora_model(dev, processor, config)
     net = peft.base_model.model
     if not args.tiny:
         net.model.language_model.set_attn_implementation("flex_attention")

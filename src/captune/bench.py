@@ -58,6 +58,18 @@ def random_model(device: torch.device, dtype: torch.dtype, image_token_id: int, 
     return model.to(dtype).eval()
 
 
+def lora_model(device: torch.device, processor, model_config: dict | None = None):
+    """The random InternVL2-2B (bf16) with the recipe's LoRA (r=128, alpha 256, dropout 0.05, float32 weights)."""
+    from .lora import add_lora
+    from .train import _trainable_to_float32
+
+    model = random_model(device, torch.bfloat16, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                         model_config=model_config)
+    peft = add_lora(model, rank=128, alpha=256, dropout=0.05)
+    _trainable_to_float32(peft)
+    return peft
+
+
 def bench_processor(tokenizer_dir: str | Path | None):
     """InternLM2's tokenizer when given (the real prompt lengths), else a compact stand-in (ids < 1000)."""
     from .processor import DEFAULT_QUESTION, Processor
@@ -217,7 +229,7 @@ def _flops_per_step(model, batch, vision_tokens: int) -> float:
     lm = model.model.language_model
     cfg = lm.config
     n_llm = sum(p.numel() for p in lm.parameters()) + model.lm_head.weight.numel() * 0  # head: supervised rows only
-    tokens = _real_tokens(batch)
+    tokens = batch.num_real_tokens
     attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * _attended_pairs(batch)  # QK^T and AV, forward
     n_vis = sum(p.numel() for p in model.model.vision_tower.parameters())
     return 4 * n_llm * tokens + 3 * attn + 2 * n_vis * vision_tokens
@@ -259,15 +271,6 @@ def _profile(loss_module, optimizer, batches, device, path: Path) -> None:
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60))
 
 
-def _real_tokens(batch) -> int:
-    """Tokens that are not padding."""
-    from .packing import PrefixSharing
-
-    if isinstance(batch.attention_mask, PrefixSharing):
-        return int((batch.attention_mask.doc >= 0).sum())
-    return int(batch.attention_mask.sum())
-
-
 def _attended_pairs(batch) -> int:
     """(query, key) pairs the attention computes: causal rows, or block-diagonal groups with caption branches."""
     from .packing import PrefixSharing
@@ -298,19 +301,13 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
     FlexAttention, logits only where there is a loss, LLM and vision tower compiled; and the steps on the way
     (eager, with PEFT's float32 input casts, with checkpointing). Same GPU, same run."""
     from .batching import collate_separate
-    from .lora import add_lora
     from .model import resolve_device
     from .packing import collate_shared
     from .train import CaptionLoss, enable_gradient_checkpointing
 
     dev = resolve_device(device)
     processor = bench_processor(tokenizer)
-    model = random_model(dev, torch.bfloat16, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                         model_config=model_config)
-    peft = add_lora(model, rank=128, alpha=256, dropout=0.05)
-    for p in peft.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    peft = lora_model(dev, processor, model_config)
     trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-5)
     tiles = 7
@@ -339,7 +336,7 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
             return
         b = batches[0]
         captions = sum(x.num_captions for x in batches) / len(batches)
-        tokens = sum(_real_tokens(x) for x in batches) / len(batches)
+        tokens = sum(x.num_real_tokens for x in batches) / len(batches)
         flops = sum(_flops_per_step(net, x, x.pixel_values.shape[0] * 1025) for x in batches) / len(batches)
         rate = captions / seconds
         result["variants"][name] = {
