@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .errors import CaptuneError
 from .templates import IGNORE_INDEX, encode_conversation
-from .tiling import load_image
+from .tiling import blank_image, load_image
 from .traindata import Sample
 
 
@@ -61,11 +61,20 @@ class CaptionTrainDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        sample = self.samples[i]
         try:
-            pixel_values = self.processor.tile(load_image(sample.image), self.max_tiles)
+            image = load_image(self.samples[i].image)
         except CaptuneError as e:
             return {"error": str(e), "index": i}
+        return self._item(i, image)
+
+    def stand_in(self) -> dict:
+        """The first sample with a blank one-tile image: trained with weight zero where a whole micro-batch
+        failed to load, so that every process still runs the same collectives."""
+        return self._item(0, blank_image(self.processor.tile_size))
+
+    def _item(self, i: int, image) -> dict:
+        sample = self.samples[i]
+        pixel_values = self.processor.tile(image, self.max_tiles)
         n_image_tokens = pixel_values.shape[0] * self.processor.tokens_per_tile
         try:
             encoded = encode_conversation(self.processor.tokenizer, list(sample.conversations), n_image_tokens,

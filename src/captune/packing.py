@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from .errors import CaptuneError
 from .templates import IGNORE_INDEX, encode_conversation
-from .tiling import load_image
+from .tiling import blank_image, load_image
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,23 @@ class GroupDataset(Dataset):
         return len(self.groups)
 
     def __getitem__(self, g: int) -> dict:
-        group = self.groups[g]
         try:
-            pixel_values = self.processor.tile(load_image(group.image), self.max_tiles)  # [n, 3, S, S]
-            n_image_tokens = pixel_values.shape[0] * self.processor.tokens_per_tile
-            encodings = [encode_conversation(self.processor.tokenizer, list(self.samples[i].conversations),
-                                             n_image_tokens, self.processor.template, max_length=self.max_seq_length)
-                         for i in group.members]
+            return self._item(g, load_image(self.groups[g].image))
         except CaptuneError as e:
-            return {"error": str(e), "index": g, "captions": len(group.members)}
+            return {"error": str(e), "index": g, "captions": len(self.groups[g].members)}
+
+    def stand_in(self) -> dict:
+        """The first group with a blank one-tile image: trained with weight zero where a whole micro-batch
+        failed to load, so that every process still runs the same collectives."""
+        return self._item(0, blank_image(self.processor.tile_size))
+
+    def _item(self, g: int, image) -> dict:
+        group = self.groups[g]
+        pixel_values = self.processor.tile(image, self.max_tiles)  # [n, 3, S, S]
+        n_image_tokens = pixel_values.shape[0] * self.processor.tokens_per_tile
+        encodings = [encode_conversation(self.processor.tokenizer, list(self.samples[i].conversations),
+                                         n_image_tokens, self.processor.template, max_length=self.max_seq_length)
+                     for i in group.members]
         return {"pixel_values": pixel_values, "encodings": encodings, "index": g, "image": str(group.image)}
 
 

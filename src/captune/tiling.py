@@ -48,6 +48,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise CaptuneError(f"cannot decode image: {e}", path) from None
 
 
+def blank_image(size: int) -> Image.Image:
+    """A black square of one tile: a stand-in image whose content never matters."""
+    return Image.new("RGB", (size, size))
+
+
 def tile_grid(
     width: int, height: int, max_tiles: int = 6, min_tiles: int = 1, tile_size: int = 448
 ) -> tuple[int, int]:

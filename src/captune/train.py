@@ -38,10 +38,15 @@ from .runlog import RunLog
 from .templates import IGNORE_INDEX
 
 
-def compile_model(net: nn.Module) -> None:
-    """torch.compile the LLM for one static row shape (fuses norms, RoPE, SiLU, LoRA dropout and additions around
-    the matmuls; 40% off its forward + backward on an H100) and the frozen vision tower for any tile count."""
-    net.model.language_model.compile(dynamic=False)
+def compile_model(net: nn.Module, static_rows: bool = True) -> None:
+    """torch.compile the LLM (fuses norms, RoPE, SiLU, LoRA dropout and additions around the matmuls; 40% off its
+    forward + backward on an H100) and the frozen vision tower for any tile count.
+
+    `static_rows`: every row has the same length (shared prefixes padded to the token budget), so the LLM is
+    compiled for that one shape; otherwise (one caption per row, any length) for dynamic shapes, as a static
+    compile would recompile for each new row length.
+    """
+    net.model.language_model.compile(dynamic=not static_rows)
     net.model.vision_tower.compile(dynamic=True)
 
 
@@ -318,7 +323,8 @@ def _prepare_out(config: cfg.TrainConfig, ctx: distributed.Context) -> Path | No
         raise CaptuneError("--resume true, but there is no complete checkpoint to resume from", out)
     if resume_from is not None and (out / cfg.RUN_CONFIG).is_file():
         before = cfg.load_run_config(out)
-        for key in ("model", "data", "lora_rank", "global_batch_size", "per_device_batch_size", "seed", "share_prefix"):
+        for key in ("model", "data", "lora_rank", "lora_alpha", "lora_vision", "train_projector", "global_batch_size",
+                    "per_device_batch_size", "seed", "share_prefix"):
             if getattr(before, key) != getattr(config, key):
                 raise CaptuneError(f"holds a run with {key}={getattr(before, key)!r}, not {getattr(config, key)!r}; "
                                    "use another --out, or --resume false to start again", out)
@@ -392,7 +398,7 @@ def train(config: cfg.TrainConfig) -> Path:
         compiled = should_compile(config, ctx.device, shared, sharded)
         if compiled:
             log.info("compiling the model (torch.compile; the first steps take a few minutes)")
-            compile_model(model.base_model.model)
+            compile_model(model.base_model.model, static_rows=shared)
         loss_module = CaptionLoss(model)
         wrapped = _wrap(loss_module, ctx, config, torch_dtype)
         if sharded:
@@ -426,32 +432,44 @@ def train(config: cfg.TrainConfig) -> Path:
 
         bar = tqdm(total=schedule.total_steps, initial=start_step, desc="training", unit="step",
                    disable=not ctx.is_main, dynamic_ncols=True)
-        skipped_total = 0
+        skipped_total, stand_in = 0, None
         for step in range(start_step, schedule.total_steps):
             t0 = time.perf_counter()
-            micro: list[TrainBatch] = []
+            micro: list[TrainBatch | None] = []
+            skipped = 0
             for _ in range(schedule.micro_batches(ctx.rank, step)):
                 batch, errors = next(batches)
-                skipped_total += sum(e.get("captions", 1) for e in errors)
+                skipped += sum(e.get("captions", 1) for e in errors)
                 for e in errors:
                     log.info(f"skipped a sample: {e['error']}")
-                if batch is not None:
-                    micro.append(batch)
-            counts = torch.tensor([sum(b.num_tokens for b in micro), sum(b.num_captions for b in micro),
-                                   sum(b.num_real_tokens for b in micro)], dtype=torch.float64, device=ctx.device)
+                micro.append(batch)  # None: every image of the micro-batch failed to load
+            usable = [b for b in micro if b is not None]
+            counts = torch.tensor([sum(b.num_tokens for b in usable), sum(b.num_captions for b in usable),
+                                   sum(b.num_real_tokens for b in usable), skipped, len(micro) - len(usable)],
+                                  dtype=torch.float64, device=ctx.device)
             if ctx.distributed:
                 dist.all_reduce(counts)
+            skipped_total += int(counts[3].item())
+            if counts[4].item():
+                log.info(f"step {step + 1}: {int(counts[4].item())} micro-batch(es) without a loadable image; "
+                         "ran zero-weight stand-ins")
             n_tokens = max(counts[0].item(), 1.0)
             loss_total = torch.zeros((), device=ctx.device)
             for i, batch in enumerate(micro):
+                weight = 1.0
+                if batch is None:
+                    # Skipping it would leave this process one forward/backward (and its collectives) short
+                    # of the others, and DDP/FSDP would wait forever: run a stand-in that counts for nothing.
+                    stand_in = stand_in or loader.collate_fn([dataset.stand_in()])[0]
+                    batch, weight = stand_in, 0.0
                 batch = batch.to(ctx.device, torch_dtype)
                 sync = i == len(micro) - 1 or not ctx.distributed or config.fsdp
                 with (wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else nullcontext()), autocast:
                     loss_sum = wrapped(batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids,
                                        batch.pixel_values, batch.num_tokens)
                 # DDP averages gradients over processes; scale so the result is the mean over all tokens.
-                (loss_sum * ctx.world_size / n_tokens).backward()
-                loss_total += loss_sum.detach()
+                (loss_sum * (weight * ctx.world_size / n_tokens)).backward()
+                loss_total += weight * loss_sum.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
                                                        config.max_grad_norm)
             optimizer.step()
@@ -477,6 +495,7 @@ def train(config: cfg.TrainConfig) -> Path:
             if done % config.save_every == 0 or done == schedule.total_steps:
                 save_checkpoint(out, done, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
         bar.close()
+        distributed.barrier(ctx)  # rank 0 may still be writing the last checkpoint
         if ctx.device.type == "cuda":
             log.info(f"peak GPU memory {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GB")
         final = latest_checkpoint(out)
