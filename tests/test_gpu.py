@@ -31,9 +31,6 @@ def test_flex_attention_training_step_equals_dense_sdpa(tmp_path):
         assert tp.rel(grads_b[name], grads_a[name]) < 1e-3, name
 
 
-@pytest.mark.xfail(strict=False, reason="failed on an H100 (2026-11-28, torch 2.11) with a torch._inductor error whose "
-                   "message was lost; the tiny model here has LoRA on the vision tower too, which --compile auto "
-                   "leaves eager. The full-size compiled step ran (captune bench train) and the CPU test passes.")
 def test_compiled_training_step_equals_eager(tmp_path):
     """`--compile` (LLM for rows padded to the token budget, vision tower for any tile count) gives the loss
     and LoRA gradients of the eager model on unpadded rows. In bf16 under autocast, as training runs on a GPU

@@ -166,12 +166,13 @@ def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images:
                batch_sizes=tuple(int(b) for b in batch_sizes.split(",")), workers=workers, device=device, out=out)
 
 
-def bench_train(tokenizer: str | None = None, steps: int = 8, budgets: str = "8192", device: str = "cuda",
-                out: str | None = None) -> dict:
+def bench_train(tokenizer: str | None = None, steps: int = 8, budgets: str = "16384", device: str = "cuda",
+                out: str | None = None, brief: bool = False) -> dict:
     """Caption-samples/s of the tutorial's training and of shared-prefix packing, same GPU, same run."""
     from .bench import bench_train as run
 
-    return run(tokenizer, steps=steps, budgets=tuple(int(b) for b in budgets.split(",")), device=device, out=out)
+    return run(tokenizer, steps=steps, budgets=tuple(int(b) for b in budgets.split(",")), device=device, out=out,
+               steps_between=not brief)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -292,11 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench_sub.add_parser("train", help="training: one caption per sample vs shared-prefix packing")
     q.add_argument("--tokenizer", help="an InternLM2 tokenizer folder (default: a compact stand-in)")
     q.add_argument("--steps", type=int, default=8)
-    q.add_argument("--budgets", default="8192",
+    q.add_argument("--budgets", default="16384",
                    help="token budgets per packed micro-batch, comma-separated (the first is the default row)")
     q.add_argument("--device", default="cuda")
     q.add_argument("--out", default=None, help="folder for bench_train.json")
-    q.set_defaults(func=lambda a: bench_train(a.tokenizer, a.steps, a.budgets, a.device, a.out))
+    q.add_argument("--brief", action="store_true",
+                   help="only (a) the tutorial's way and (b) the default, without the variants between them")
+    q.set_defaults(func=lambda a: bench_train(a.tokenizer, a.steps, a.budgets, a.device, a.out, a.brief))
 
     p = sub.add_parser("convert", help="convert a checkpoint between the original and the native layout")
     p.add_argument("src")

@@ -47,7 +47,9 @@ def compile_model(net: nn.Module, static_rows: bool = True) -> None:
     compile would recompile for each new row length.
     """
     net.model.language_model.compile(dynamic=not static_rows)
-    net.model.vision_tower.compile(dynamic=True)
+    # Automatic dynamic shapes: recompiled once the tile count changes, with only that dimension symbolic.
+    # (dynamic=True also makes the image side symbolic, and inductor 2.11 then fails an assertion in its tiling.)
+    net.model.vision_tower.compile(dynamic=None)
 
 
 def enable_gradient_checkpointing(net: nn.Module) -> None:
