@@ -13,11 +13,8 @@ import json
 import statistics
 from pathlib import Path
 
-from captune import config as cfg
-from captune.demo import base_model_path
-from captune.evaluate import evaluate
+from captune.demo import evaluate_demo, train_demo
 from captune.synthetic import make_synthetic_dataset
-from captune.train import train
 
 
 def run(seeds: list[int], out: Path, overrides: dict) -> dict[str, dict[int, float]]:
@@ -35,11 +32,8 @@ def run(seeds: list[int], out: Path, overrides: dict) -> dict[str, dict[int, flo
             if (mode, seed) in done:
                 continue
             run_dir = out / f"{mode}-{seed}"
-            adapter = train(cfg.resolve("demo_lora", {"model": str(base_model_path()), "data": str(data),
-                                                      "out": str(run_dir), "share_prefix": mode, "seed": seed,
-                                                      "resume": "false", **overrides}))
-            metrics = evaluate(str(adapter), data=str(data), out=str(run_dir / "eval"), device="cpu", dtype="fp32",
-                               batch_size=16, num_workers=0, max_tiles=1)
+            adapter = train_demo(data, run_dir, share_prefix=mode, seed=seed, resume="false", **overrides)
+            metrics = evaluate_demo(adapter, data, run_dir / "eval")
             done[(mode, seed)] = metrics["CIDEr"]
             with results_file.open("a") as f:
                 f.write(json.dumps({"share_prefix": mode, "seed": seed, "CIDEr": metrics["CIDEr"]}) + "\n")

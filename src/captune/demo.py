@@ -28,6 +28,23 @@ def base_model_path() -> Path:
     return path
 
 
+def train_demo(data: Path, out: Path, **overrides) -> Path:
+    """LoRA-train the shipped base model on the demo's data with the `demo_lora` recipe; the adapter's folder."""
+    from . import config as cfg
+    from .train import train
+
+    return train(cfg.resolve("demo_lora", {"model": str(base_model_path()), "data": str(data), "out": str(out),
+                                           **overrides}))
+
+
+def evaluate_demo(model: str | Path, data: Path, out: Path) -> dict:
+    """The demo's test set captioned and scored as the demo does it: one 112px tile per image, float32, CPU."""
+    from .evaluate import evaluate
+
+    return evaluate(str(model), data=str(data), out=str(out), device="cpu", dtype="fp32", batch_size=16,
+                    num_workers=0, max_tiles=1)
+
+
 def _step(n: int, text: str) -> None:
     print(f"\n[{n}/6] {text}", flush=True)
 
@@ -70,12 +87,9 @@ def demo(out: str = "runs/demo", train_images: int = 200, test_images: int = 50,
     import json
     import shutil
 
-    from . import config as cfg
-    from .evaluate import evaluate
     from .merge import merge
     from .processor import DEFAULT_QUESTION
     from .synthetic import make_synthetic_dataset
-    from .train import train
 
     start = time.perf_counter()
     out_dir = Path(out)
@@ -89,16 +103,13 @@ def demo(out: str = "runs/demo", train_images: int = 200, test_images: int = 50,
     data = make_synthetic_dataset(out_dir / "data", train=train_images, test=test_images, seed=0)
 
     _step(2, f"captune eval {base.name} --max-tiles 1 (the base model, original InternVL2 layout; one 112px tile)")
-    before = evaluate(str(base), data=str(out_dir / "data"), out=str(out_dir / "eval-base"), device="cpu",
-                      dtype="fp32", batch_size=16, num_workers=0, max_tiles=1)
+    before = evaluate_demo(base, out_dir / "data", out_dir / "eval-base")
 
     _step(3, "captune train --recipe demo_lora (LoRA on the LLM, shared-prefix packing)")
-    adapter = train(cfg.resolve("demo_lora", {"model": str(base), "data": str(out_dir / "data"),
-                                              "out": str(out_dir / "run"), "epochs": epochs}))
+    adapter = train_demo(out_dir / "data", out_dir / "run", epochs=epochs)
 
     _step(4, f"captune eval {adapter} (base + adapter)")
-    after = evaluate(str(adapter), data=str(out_dir / "data"), out=str(out_dir / "eval-finetuned"), device="cpu",
-                     dtype="fp32", batch_size=16, num_workers=0, max_tiles=1)
+    after = evaluate_demo(adapter, out_dir / "data", out_dir / "eval-finetuned")
 
     _step(5, "captune merge")
     merged = merge(adapter, out_dir / "merged", format="hf", dtype="fp32", force=True)
