@@ -82,7 +82,7 @@ def test_native_folder_loads_with_plain_transformers_in_a_fresh_process(tmp_path
     assert "InternVLForConditionalGeneration" in run.stdout
     logits = torch.load(tmp_path / "out.pt")
     err = (logits - ref["logits_last16"]).norm() / ref["logits_last16"].norm()
-    assert err < 1e-4
+    assert err < 1e-5  # measured ~4e-7
 
 
 def test_native_folder_loads_back_through_captune(tmp_path, fixtures):

@@ -110,3 +110,59 @@ def test_coco_image_id_from_file_name():
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(CaptuneError, match="coco_karpathy_test.json"):
         resolve_eval_set(data=tmp_path)
+
+
+# ------------------------------------------------------------------- the settings of InternVL's evaluate_caption.py
+
+
+@pytest.fixture(scope="module")
+def reference_eval(fixtures, tmp_path_factory):
+    """`captune eval` on the 2B miniature and the fixture's own image file, default settings, with every call of
+    `generate` recorded: what the evaluation path really feeds the model."""
+    from transformers import InternVLForConditionalGeneration
+
+    ref = json.loads((fixtures / "models" / "internvl2_2b_mini" / "chat_reference.json").read_text())
+    images = fixtures / "tiling" / "images"
+    root = tmp_path_factory.mktemp("reference-eval")
+    (root / "test.json").write_text(json.dumps({"images": [{"id": 1, "file_name": ref["image"]}]}))
+    (root / "gt.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [
+        {"image_id": 1, "id": k, "caption": c} for k, c in enumerate(REFS)]}))
+    calls = []
+    real_generate = InternVLForConditionalGeneration.generate
+
+    def recording_generate(self, *args, **kwargs):
+        calls.append({k: v.clone() if hasattr(v, "clone") else v for k, v in kwargs.items()})
+        return real_generate(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InternVLForConditionalGeneration, "generate", recording_generate)
+        code = main(["eval", str(fixtures / "models" / "internvl2_2b_mini"), "--test-json", str(root / "test.json"),
+                     "--gt-json", str(root / "gt.json"), "--image-root", str(images), "--out", str(root / "out"),
+                     "--num-workers", "0", "--device", "cpu"])
+    assert code == 0
+    return ref, calls, json.loads((root / "out" / "results.json").read_text())
+
+
+def test_eval_path_writes_the_original_caption(reference_eval):
+    """The caption the original `model.chat()` wrote (greedy, 8-30 tokens, 6 tiles + thumbnail, float32)."""
+    ref, _, results = reference_eval
+    assert results == [{"image_id": 1, "caption": ref["caption"]}]
+
+
+def test_eval_prompt_is_the_original_query(reference_eval, fixtures):
+    """The question, the template and 6 tiles + thumbnail: the prompt ids equal the original's, token for token."""
+    _, calls, _ = reference_eval
+    original = json.loads((fixtures / "tokenization_reference.json").read_text())["chat_queries"]["internlm2-chat"]
+    assert len(calls) == 1
+    ids, mask = calls[0]["input_ids"], calls[0]["attention_mask"]
+    assert ids[mask.bool()].tolist() == original["input_ids"]
+    assert calls[0]["pixel_values"].shape[0] == 7  # 3 x 2 tiles of 640x427 + the thumbnail
+
+
+def test_eval_decodes_as_the_original(reference_eval, fixtures):
+    """InternVL's evaluate_caption.py: greedy (no sampling, one beam), 8 to 30 new tokens, stop at <|im_end|>."""
+    _, calls, _ = reference_eval
+    config = calls[0]["generation_config"]
+    assert (config.do_sample, config.num_beams) == (False, 1)
+    assert (config.min_new_tokens, config.max_new_tokens) == (8, 30)
+    assert config.eos_token_id == 92542  # <|im_end|> in InternLM2's vocabulary

@@ -37,17 +37,21 @@ def without_dtype(cfg):
 
 
 def make_adapter(base: Path, folder: Path, image_token_id: int | None = None, rslora: bool = False,
-                 projector: bool = True) -> Path:
-    """An adapter as `captune train` saves it, with random (non-zero) B matrices so that merging changes things."""
+                 projector: bool = True, rank: int = 4, b_scale: float = 0.1, seed: int | None = None) -> Path:
+    """An adapter as `captune train` saves it, with random (non-zero) B matrices so that merging changes things.
+
+    With `seed`, A is drawn from it too (N(0, 1/in_features)), for an adapter that is the same on every run."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, _ = captune.load(base, dtype="fp32", image_token_id=image_token_id)
-    peft = add_lora(model, rank=4, alpha=8, dropout=0.0, vision=True, train_projector=projector)
-    g = torch.Generator().manual_seed(0)
+    peft = add_lora(model, rank=rank, alpha=2 * rank, dropout=0.0, vision=True, train_projector=projector)
+    g = torch.Generator().manual_seed(0 if seed is None else seed)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(b_scale * torch.randn(p.shape, generator=g))
+            elif "lora_A" in name and seed is not None:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
             elif "modules_to_save" in name:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     config = peft.peft_config["default"]
@@ -108,6 +112,7 @@ def test_merge_prints_the_tutorial_steps(merged):
     assert lines[0].startswith("Loading base model")
     assert "trainable params: 8,608" in text  # LoRA on 14 LLM + 12 vision layers at rank 4, and the projector
     assert "Saving merged model" in text and "Checked the hf output" in text and "Checked the internvl output" in text
+    assert "Checked the merge in float32" in text and "rounding (information" not in text  # float32: no rounding
     assert lines[-1] == "Done!"
 
 
@@ -221,6 +226,124 @@ def test_killed_merge_leaves_no_out_and_no_temporary_folder(sharded, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+FP32_HINT = "as much to rounding as the base: --dtype fp32 keeps the adapter's logits"
+
+
+@pytest.fixture(scope="module")
+def large(mini, tmp_path_factory) -> Path:
+    """An adapter whose changes are as large as the weights (rank 8, B ~ N(0, 1)): rounding its merge to bf16 moves
+    the logits by more than 0.02, as the InternVL2-2B merge in the issue did (0.067), though the merge is right."""
+    return make_adapter(mini, tmp_path_factory.mktemp("large") / "checkpoint-000006", rank=8, b_scale=1.0, seed=0)
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The step between bf16 numbers at |x| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
+
+
+def test_a_sound_bf16_merge_is_accepted_and_its_rounding_reported(large, mini, tmp_path, capsys):
+    """The issue: a bf16 merge was refused for the rounding of its weights (relative error of the logits above 0.02).
+    Now the merge is checked exactly and the rounding reported beside what rounding the base to bf16 does."""
+    from peft import PeftModel
+
+    lines: list[str] = []
+    out = merge(large, tmp_path / "out", format="both", dtype="bf16", log=lines.append)
+    text = "\n".join(lines)
+    assert "Checked the merge in float32: relative error" in text
+    for layout in ("hf", "internvl"):
+        assert (f"Checked the {layout} output: its 67 weights are the float32 merge rounded to bfloat16, bit for bit"
+                in text)
+        assert f"bfloat16 rounding (information, not an error): the {layout} output's logits are" in text
+    assert "rounding the base model to bfloat16 moves its logits" in text and "the adapter moves them" in text
+    assert FP32_HINT in text  # the rounding is well above the base's: a hint, not a refusal
+    assert lines[-1] == "Done!"
+
+    # What the old check measured, independently of captune.merge: far above its bf16 tolerance of 0.02.
+    model, processor = captune.load(mini, dtype="fp32")
+    base = {k: v.double() for k, v in model.state_dict().items()}  # native names
+    ids = torch.tensor([processor.prompt_ids("Provide a one-sentence caption for the provided image.", 1)])
+    pixel_values = torch.rand(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(model, str(large)).eval()(input_ids=ids, pixel_values=pixel_values).logits
+        for layout in ("hf", "internvl"):
+            merged_model, _ = captune.load(out / layout, dtype="fp32")
+            assert 0.02 < rel_err(reference, merged_model(input_ids=ids, pixel_values=pixel_values).logits) < 0.5
+
+    # and yet every merged weight is base + alpha/r * B @ A (computed here in float64) rounded to bf16, the projector
+    # the adapter's copy rounded to bf16, and every other weight the base's (a bf16 release) bit for bit
+    merged_hf = all_tensors(out / "hf")
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(large / "adapter_model.safetensors").items()}
+    lora = {k.removesuffix(".lora_A.weight") + ".weight" for k in state if k.endswith(".lora_A.weight")}
+    copies = {k for k in state if ".lora_" not in k}  # the projector, trained whole
+    assert len(lora) == 26 and len(copies) == 6 and all(t.dtype == torch.bfloat16 for t in merged_hf.values())
+    for key, tensor in merged_hf.items():
+        if key in lora:
+            a, b = (state[key.removesuffix(".weight") + f".lora_{x}.weight"].double() for x in "AB")
+            delta = 2.0 * b @ a
+            exact = base[key] + delta
+            float32_slack = 1e-6 * (base[key].abs() + delta.abs())  # the merge sums in float32 before rounding
+            assert ((tensor.double() - exact).abs() <= 0.5 * bf16_ulp(exact) + float32_slack).all(), key
+        elif key in copies:
+            assert torch.equal(tensor, state[key].to(torch.bfloat16)), key
+        else:
+            assert torch.equal(tensor.double(), base[key]), key
+
+    # verify-merge agrees: the same checks pass, the rounding is reported, nothing is refused
+    err = verify_merge_command(str(large), str(out))
+    printed = capsys.readouterr().out
+    assert 0.02 < err < 0.5 and "bfloat16 rounding (information, not an error)" in printed
+    assert "is the adapter merged exactly" in printed
+
+
+SKIPPED = "model.language_model.layers.1.mlp.down_proj.weight"
+SWAPPED = ("model.language_model.layers.0.self_attn.k_proj.weight",
+           "model.language_model.layers.0.self_attn.v_proj.weight")
+
+
+def plant(monkeypatch, error: str) -> None:
+    """A wrong merge: a wrong scale (the arithmetic), a LoRA delta left out of one weight (the writer), or k and v
+    swapped when fusing InternLM2's wqkv (the internvl layout)."""
+    import copy
+
+    import captune.merge as m
+
+    if error == "wrong_scale":
+        monkeypatch.setattr(m.Adapter, "scale", lambda self, a: 1.5)  # alpha / r is 2
+    elif error == "skipped_delta":
+        real_shard = m.merged_shard
+
+        def skipping(ckpt, shard, keymap, adapter, dtype):
+            adapter = copy.copy(adapter)
+            adapter.lora = {k: v for k, v in adapter.lora.items() if k != SKIPPED}
+            return real_shard(ckpt, shard, keymap, adapter, dtype)
+
+        monkeypatch.setattr(m, "merged_shard", skipping)
+    else:
+        real_fuse = m.original_from_native
+        rename = {SWAPPED[0]: SWAPPED[1], SWAPPED[1]: SWAPPED[0]}
+
+        def swapping(pairs, keymap, pending, source):
+            return real_fuse(((rename.get(k, k), t) for k, t in pairs), keymap, pending, source)
+
+        monkeypatch.setattr(m, "original_from_native", swapping)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("error,format,message", [
+    pytest.param("wrong_scale", "hf", "the merge differs from the adapter: relative error of the float32-merged logits",
+                 id="wrong_scale"),
+    pytest.param("skipped_delta", "hf", rf"\(hf\) is not the float32 merge.*{SKIPPED}.*a wrong merge, not rounding",
+                 id="skipped_delta"),
+    pytest.param("swapped_k_v", "internvl",
+                 r"\(internvl\) is not the float32 merge.* 2 of 67 weights differ .*k_proj.*v_proj", id="swapped_k_v"),
+])
+def test_a_wrong_merge_is_refused_in_bf16_as_in_fp32(large, tmp_path, monkeypatch, error, format, message, dtype):
+    plant(monkeypatch, error)
+    with pytest.raises(CaptuneError, match=message + ".*nothing was written"):
+        merge(large, tmp_path / "out", format=format, dtype=dtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_merge_that_fails_the_check_writes_nothing(sharded, tmp_path, monkeypatch):
     from captune.merge import Adapter
 
@@ -295,10 +418,22 @@ def test_verify_merge_detects_a_tampered_weight(adapter, merged, tmp_path, capsy
     key = "model.language_model.layers.1.mlp.down_proj.weight"
     state[key] = state[key] + 1e-3 * torch.randn_like(state[key])
     save_file(state, str(tampered / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CaptuneError, match="differs from the adapter: relative error"):
+    message = f"is not the float32 merge: 1 of 67 weights differ by up to .* steps of float32 \\({key}\\)"
+    with pytest.raises(CaptuneError, match=message):
         verify_merge_command(str(adapter), str(tampered))
     with pytest.raises(CaptuneError, match="model folder, not a LoRA adapter"):
         verify_merge(out / "hf", adapter)
+
+
+def test_verify_merge_detects_a_tampered_config(adapter, merged, tmp_path):
+    out, _ = merged
+    tampered = shutil.copytree(out / "hf", tmp_path / "tampered")
+    config = json.loads((tampered / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 0.5  # the weights are right, the model they make is not
+    (tampered / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CaptuneError, match=r"\(hf\) does not load as the merge: its logits are .* off those of its "
+                                           "own weights in memory"):
+        verify_merge(adapter, tampered)
 
 
 @pytest.mark.slow

@@ -187,28 +187,42 @@ def test_trainable_parameter_count_of_internvl2_2b_at_rank_128():
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`captune train` under torchrun with 2 CPU processes (gloo).
+    """`captune train` under torchrun with 2 CPU processes (gloo), run once; fails the test unless it exits with 0.
 
-    A worker of this test once died of SIGABRT in CI and never in ~40 runs on the same machine since: a run killed
-    by a signal is run once more (a resumable run's checkpoints make that the same run), and the first run's
-    errors are reported as a warning so that the cause stays visible. Any other failure fails the test.
+    Never run again on a failure: a worker once died of SIGABRT in CI, and a rerun that passes hides such a
+    crash. The workers run with faulthandler on (PYTHONFAULTHANDLER: a fatal signal prints the Python stack of
+    every thread) and with C++ stack traces in torch's errors (TORCH_SHOW_CPP_STACKTRACES); the failure message
+    holds the error lines, those stacks and the tail of stderr (`_errors`). A run that hangs is stopped (SIGTERM,
+    which torchrun passes on to its workers) and reported the same way.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TORCH_SHOW_CPP_STACKTRACES": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TORCH_SHOW_CPP_STACKTRACES": "1",
+           "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "captune", "train", *args]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-    if run.returncode != 0 and "received by PID" in run.stderr:
-        import warnings
-
-        warnings.warn(f"torchrun worker killed by a signal; running again. Its errors:\n{_errors(run.stderr)}")
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                stdout, stderr = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun still running after 300 s (a hang?):\n{_errors(stderr)}")
+    run = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert run.returncode == 0, f"torchrun exited with {run.returncode}:\n{_errors(run.stderr)}"
     return run
 
 
 def _errors(stderr: str) -> str:
+    """The lines of a failed torchrun's stderr that name an error, the first faulthandler dumps (a worker killed by
+    a signal: the Python stack of every thread) and the tail."""
     keys = ("error", "terminate", "what()", "signal", "exception", "enforce", "abort")
-    lines = [line for line in stderr.splitlines() if any(k in line.lower() for k in keys)]
-    return "\n".join(lines[:40]) + "\n...\n" + stderr[-2000:]
+    lines = stderr.splitlines()
+    picked = [line for line in lines if any(k in line.lower() for k in keys)][:40]
+    dumps = ["\n".join(lines[i : i + 60]) for i, line in enumerate(lines) if "Fatal Python error" in line][:2]
+    return "\n".join(picked + ["..."] + dumps + ["..."]) + "\n" + stderr[-3000:]
 
 
 def _two_processes_and_one(root: Path, model: Path, tmp_path: Path, fsdp: bool) -> None:
@@ -219,8 +233,7 @@ def _two_processes_and_one(root: Path, model: Path, tmp_path: Path, fsdp: bool) 
     args = ["--model", str(model), "--data", str(root / "train.jsonl"), "--recipe", "tiny_cpu_lora", "--max-steps",
             "3", "--save-every", "3", "--global-batch-size", "12", "--token-budget", "64", "--lora-dropout", "0",
             "--log-every", "1", "--out", str(tmp_path / "two"), "--fsdp", str(fsdp).lower()]
-    run = _torchrun(args, tmp_path)
-    assert run.returncode == 0, _errors(run.stderr)
+    _torchrun(args, tmp_path)
     train(run_config(root, model, tmp_path / "one", max_steps=3, save_every=3, lora_dropout=0.0,
                      global_batch_size=12, token_budget=64))
     for key in ("loss", "grad_norm", "skipped"):
@@ -269,8 +282,7 @@ def test_torchrun_compiled_matches_one_eager_process(tiny_data, tmp_path):
     args = ["--model", str(model), "--data", str(root / "train.jsonl"), "--recipe", "tiny_cpu_lora", "--max-steps",
             "2", "--save-every", "2", "--global-batch-size", "16", "--token-budget", "1024", "--lora-dropout", "0",
             "--log-every", "1", "--compile", "on", "--out", str(tmp_path / "two")]
-    run = _torchrun(args, tmp_path)
-    assert run.returncode == 0, _errors(run.stderr)
+    _torchrun(args, tmp_path)
     train(run_config(root, model, tmp_path / "one", max_steps=2, save_every=2, lora_dropout=0.0, token_budget=1024))
     for key in ("loss", "grad_norm"):
         two = [r[key] for r in read_log(tmp_path / "two")]
@@ -283,15 +295,13 @@ def test_fsdp2_resume_gives_the_same_loss_curve(tiny_data, tmp_path):
     args = ["--model", str(model), "--data", str(root / "train.jsonl"), "--recipe", "tiny_cpu_lora", "--max-steps",
             "3", "--save-every", "2", "--global-batch-size", "16", "--per-device-batch-size", "4", "--lora-dropout",
             "0.1", "--log-every", "1", "--out", str(tmp_path / "run"), "--fsdp", "true"]
-    run = _torchrun(args, tmp_path)
-    assert run.returncode == 0, _errors(run.stderr)
+    _torchrun(args, tmp_path)
     def curve():
         return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_log(tmp_path / "run")]
 
     straight = curve()
     shutil.rmtree(tmp_path / "run" / "checkpoint-000003")  # as if killed during step 3
-    run = _torchrun(args, tmp_path)
-    assert run.returncode == 0, _errors(run.stderr)
+    _torchrun(args, tmp_path)
     assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
     assert curve() == straight  # bit for bit, dropout included
 

@@ -151,7 +151,7 @@ def merge(adapter: str, out: str, format: str = "hf", dtype: str = "bf16", force
 
 
 def verify_merge(adapter: str, merged: str, base: str | None = None, device: str = "auto") -> float:
-    """Relative logits error between base + adapter and the merged model."""
+    """`captune merge`'s checks on a merged folder; returns the relative logits error against base + adapter."""
     from .merge import verify_merge_command
 
     return verify_merge_command(adapter, merged, base=base, device=device)
@@ -267,11 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--base", default=None, help="the base model (default: the one recorded in the adapter)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logits check (26B and up)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the check against the adapter (it holds the model in float32: 26B and up)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=lambda a: merge(a.adapter, a.out, a.format, a.dtype, a.force, a.base, a.verify, a.device))
 
-    p = sub.add_parser("verify-merge", help="compare a merged model's logits with base + adapter")
+    p = sub.add_parser("verify-merge", help="check a merged model against base + adapter, as merge does")
     p.add_argument("adapter")
     p.add_argument("merged")
     p.add_argument("--base", default=None)

@@ -46,6 +46,24 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def shutdown(ctx: Context) -> None:
-    if ctx.distributed and dist.is_initialized():
+def shutdown(ctx: Context, finished: bool = False) -> None:
+    """Tear the process group down.
+
+    `finished`: this process got to the end without an error. It then waits at a barrier for all the others
+    first, so that none closes its connections while another is still in a collective, or still writing a
+    checkpoint, that it waits for (that collective would fail on the closed connection). Otherwise (after an error)
+    no barrier: the others may be inside another collective, which a barrier would be paired with (gloo then
+    receives a message of the wrong size and fails an enforce in its event-loop thread, where nothing catches it:
+    std::terminate, SIGABRT; NCCL hangs); their collectives fail once this process is gone. A failure of that
+    teardown is not raised over the error that ended the run.
+    """
+    if not (ctx.distributed and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
         dist.destroy_process_group()
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # the error propagating from the run is the one to report
+        pass

@@ -9,10 +9,10 @@ This module reproduces both, token for token, on any tokenizer that segments lik
   original's quirks (it counts tokens piece by piece and masks the whole sample when the count disagrees).
 - `chat_template` is a Jinja template that renders the same prompt text, for exported tokenizers.
 
-Verified against the reference fixtures (made with the original code): the `internlm2-chat` training labels and
-prompt ids, and the prompt text of all four templates. The label functions of `Hermes-2` (preprocess_mpt),
-`phi3-chat` (preprocess_phi3) and `internvl2_5` (preprocess_internvl2_5) follow the original source but have no
-fixture.
+Verified against the reference fixtures (made with the original code): the training ids and labels of
+`internlm2-chat`, `Hermes-2` (preprocess_mpt) and `internvl2_5` (preprocess_internvl2_5), the prompt ids of
+`internlm2-chat` and the prompt text of all four templates. `phi3-chat` (preprocess_phi3) follows the original
+source; no fixture has Phi-3's tokenizer, so only its layout and label structure are tested.
 """
 
 from __future__ import annotations

@@ -354,6 +354,7 @@ def train(config: cfg.TrainConfig) -> Path:
     from .model import load, resolve_dtype
 
     ctx = distributed.init(config.device)
+    log, finished = None, False
     try:
         torch_dtype = resolve_dtype(None if config.dtype == "auto" else config.dtype, ctx.device)
         resume_from = _prepare_out(config, ctx)
@@ -497,15 +498,20 @@ def train(config: cfg.TrainConfig) -> Path:
             if done % config.save_every == 0 or done == schedule.total_steps:
                 save_checkpoint(out, done, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
         bar.close()
-        distributed.barrier(ctx)  # rank 0 may still be writing the last checkpoint
+        # Rank 0 may still be writing the last checkpoint, which the others must not look for yet (and which
+        # latest_checkpoint would take for a half-written leftover).
+        distributed.barrier(ctx)
         if ctx.device.type == "cuda":
             log.info(f"peak GPU memory {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GB")
         final = latest_checkpoint(out)
         log.info(f"done: adapter in {final}")
-        log.close()
+        finished = True
         return final
     finally:
-        distributed.shutdown(ctx)
+        if log is not None:
+            log.close()  # on every path, before the teardown: flushes the logs, joins the TensorBoard writer's thread
+        # A barrier first when this process finished, none after an error (see distributed.shutdown).
+        distributed.shutdown(ctx, finished=finished)
 
 
 def _evaluate_during_training(step, loss_module, wrapped, optimizer, scheduler, processor, ctx, config, log, best):

@@ -1,0 +1,324 @@
+"""Real kills: `kill -9` at exact points of `captune convert`, `captune merge` and a training checkpoint save.
+
+Raising an exception inside the process (as tests/test_convert.py, test_merge.py and test_train.py do) lets the
+cleanup handlers run; SIGKILL runs none. Each case runs the command in a child process (KILLER) with one function
+hooked to write a marker and then SIGKILL its own process, before or after the n-th call matching a pattern (a
+shard write, a rename, the `torch.save` of the trainer state, a prune's rmtree). Afterwards the previous output or
+checkpoint is whole and loadable, OUT is absent or complete, the next run of the same command succeeds (a resumed
+training gives the loss curve of an uninterrupted one) and no temporary folder is left over.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import captune
+from captune.checkpoint import open_checkpoint
+from captune.checkpointing import latest_checkpoint, list_checkpoints, write_checkpoint
+from captune.cli import main
+from captune.errors import CaptuneError
+from captune.runlog import read_log
+from tiny import IMAGE_TOKEN_ID, all_tensors, assert_bit_identical, write_original_checkpoint
+
+KILLER = textwrap.dedent("""
+    import importlib, os, re, signal, sys
+    from pathlib import Path
+
+    module, _, attr = spec["target"].rpartition(".")
+    owner = importlib.import_module(module)
+    real, seen = getattr(owner, attr), [0]
+
+    def die():
+        Path(spec["marker"]).write_text(spec["point"])
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no atexit, no context manager exit
+
+    def hooked(*args, **kwargs):
+        paths = [str(a) for a in args[:2] if isinstance(a, (str, os.PathLike))]
+        hit = re.search(spec["match"], " -> ".join(paths)) is not None
+        if hit and spec.get("inside"):  # only calls on a folder that holds this file
+            hit = (Path(paths[0]) / spec["inside"]).is_file()
+        seen[0] += hit
+        if hit and seen[0] == spec["nth"]:
+            if spec["when"] == "before":
+                die()
+            if spec["when"] == "partial":  # a recursive delete that got as far as one file
+                (Path(paths[0]) / spec["partial"]).unlink()
+                die()
+            real(*args, **kwargs)
+            die()
+        return real(*args, **kwargs)
+
+    setattr(owner, attr, hooked)
+    if "code" in spec:
+        exec(spec["code"])
+    else:
+        from captune.cli import main
+        sys.exit(main(spec["argv"]))
+""")
+
+# Importing torch, transformers and peft takes seconds on 2 cores, so one process imports them once and forks a
+# fresh child per kill (before any torch op has started a thread pool); the server only reports how it ended.
+FORK_SERVER = textwrap.dedent("""
+    import json, os, sys, traceback
+    import captune.checkpointing, captune.cli, captune.convert, captune.merge, captune.train, peft, transformers
+    for line in sys.stdin:
+        spec = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.chdir(spec["cwd"])
+            code = 70
+            try:
+                exec(sys.argv[1], {"spec": spec, "__name__": "__main__"})
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)  # the hook never fired: the command ran to its end
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)), flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def killer():
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, KILLER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+
+    def kill(tmp_path: Path, point: str, target: str, match: str, nth: int = 1, when: str = "before",
+             **spec) -> None:
+        """Run a command in a child that SIGKILLs itself at `point` (writing its marker just before)."""
+        marker, log = tmp_path / f"killed-{point}", tmp_path / f"killed-{point}.log"
+        spec = {"point": point, "target": target, "match": match, "nth": nth, "when": when, "marker": str(marker),
+                "log": str(log), "cwd": str(tmp_path), **spec}
+        server.stdin.write(json.dumps(spec) + "\n")
+        server.stdin.flush()
+        line = server.stdout.readline()
+        assert line, "the fork server died"
+        returncode = json.loads(line)
+        assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
+        assert marker.read_text() == point
+        marker.unlink()
+        log.unlink()
+
+    yield kill
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+def hidden_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.is_dir())
+
+
+# --------------------------------------------------------------------------------------------- convert and merge
+
+
+@pytest.fixture(scope="module")
+def writers(tmp_path_factory):
+    """A 3-shard original release (no tokenizer), an adapter for it, and complete convert and merge outputs."""
+    from captune.lora import add_lora
+    from captune.merge import merge
+
+    root = tmp_path_factory.mktemp("writers")
+    base = write_original_checkpoint(root / "base", "internlm2", shards=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = captune.load(base, dtype="fp32", image_token_id=IMAGE_TOKEN_ID)
+        peft = add_lora(model, rank=4, alpha=8, dropout=0.0)
+        with torch.no_grad():  # non-zero B: the merge changes the weights
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+        peft.peft_config["default"].base_model_name_or_path = str(base.resolve())
+        peft.save_pretrained(str(root / "adapter"))
+        captune.convert_checkpoint(base, root / "convert")
+        merge(root / "adapter", root / "merge", dtype="fp32", verify=False)
+    return root
+
+
+def command(root: Path, name: str, out: Path, force: bool) -> list[str]:
+    """`captune convert BASE OUT` or `captune merge ADAPTER OUT` (float32, without the logits check)."""
+    options = ["--dtype", "fp32", "--no-verify"] if name == "merge" else []
+    source = root / ("base" if name == "convert" else "adapter")
+    return [name, str(source), str(out), *options, *(["--force"] if force else [])]
+
+
+def main_or_raise(argv: list[str]) -> None:
+    """The CLI's code path, raising its CaptuneError instead of printing it."""
+    from captune import cli
+
+    args = cli.build_parser().parse_args(argv)
+    args.func(args)
+
+
+TMP_TO_OUT = r"/\.out\.tmp-[^/]* -> .*/out$"  # the rename that gives OUT its content
+OUT_TO_OLD = r"/out -> .*/\.out\.old-[^/]*$"  # replacing: the previous OUT set aside first
+
+WRITER_POINTS = {  # point: (OUT exists before, hooked function, call pattern, nth call, before/after it)
+    "before-any-shard": (False, "captune.convert._save_shard", "", 1, "before"),
+    "mid-shards": (False, "captune.convert._save_shard", "", 2, "before"),  # 1 of 3 shards written
+    "complete-before-rename": (False, "os.replace", TMP_TO_OUT, 1, "before"),
+    "after-rename": (False, "os.replace", TMP_TO_OUT, 1, "after"),
+    "replace-before-renames": (True, "os.replace", OUT_TO_OLD, 1, "before"),
+    "replace-between-renames": (True, "os.replace", TMP_TO_OUT, 1, "before"),  # OUT missing, old and new aside
+    "replace-after-renames": (True, "os.replace", TMP_TO_OUT, 1, "after"),  # the old one not yet deleted
+}
+WRITER_CASES = [("convert", p) for p in WRITER_POINTS] + [
+    ("merge", p) for p in ("mid-shards", "complete-before-rename", "replace-between-renames", "replace-after-renames")]
+
+
+@pytest.mark.parametrize("name,point", WRITER_CASES, ids=[f"{n}-{p}" for n, p in WRITER_CASES])
+def test_killed_writer_leaves_out_absent_or_complete(killer, writers, tmp_path, name, point):
+    replacing, target, match, nth, when = WRITER_POINTS[point]
+    expected = all_tensors(writers / name)
+
+    def is_complete(folder: Path) -> bool:
+        open_checkpoint(folder)
+        assert_bit_identical(all_tensors(folder), expected)
+        return True
+
+    work = tmp_path / "work"
+    out = work / "out"
+    if replacing:  # the previous output, told apart from the new one by a file of its own
+        shutil.copytree(writers / name, out)
+        (out / "PREVIOUS").write_text("the previous output")
+    killer(tmp_path, point, target, match, nth, when, argv=command(writers, name, out, force=replacing))
+
+    assert not out.exists() or is_complete(out)  # never half-written
+    assert out.exists() == (point in ("after-rename", "replace-before-renames", "replace-after-renames"))
+    if replacing:  # the previous output is whole: still OUT, or set aside beside it
+        previous = [p for p in work.iterdir() if (p / "PREVIOUS").is_file()]
+        assert len(previous) == 1 and is_complete(previous[0])
+        # the next run without --force puts a set-aside previous output back, and refuses to replace it
+        with pytest.raises(CaptuneError, match="not empty"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main_or_raise(command(writers, name, out, force=False))
+        assert (out / "PREVIOUS").is_file() == (point != "replace-after-renames") and is_complete(out)
+
+    with warnings.catch_warnings():  # the same command again: it succeeds and tidies what the kill left
+        warnings.simplefilter("ignore")
+        if point == "after-rename":  # killed with its work done: refused like after any finished run, unless --force
+            with pytest.raises(CaptuneError, match="not empty"):
+                main_or_raise(command(writers, name, out, force=False))
+        main_or_raise(command(writers, name, out, force=replacing or point == "after-rename"))
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+    assert is_complete(out) and not (out / "PREVIOUS").exists()
+
+
+# --------------------------------------------------------------------------------------------- training checkpoints
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), "yellow": (230, 210, 20)}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Tiny model and captions (as tests/test_train.py), and an uninterrupted 3-step run: its loss curve."""
+    from captune.tinymodel import build_compact_tokenizer, tokenizer_corpus, write_tiny_model
+
+    root = tmp_path_factory.mktemp("train")
+    (root / "images").mkdir()
+    rows = []
+    for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in ("circle", "square")):
+        im = Image.new("RGB", (160, 160), (245, 245, 245))
+        draw = ImageDraw.Draw(im)
+        (draw.ellipse if shape == "circle" else draw.rectangle)([30, 30, 130, 130], fill=COLOURS[colour])
+        im.save(root / "images" / f"{i}.jpg", quality=95)
+        rows += [{"image": f"images/{i}.jpg", "caption": f"a {colour} {shape} on a white background"}] * 4
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = build_compact_tokenizer(tokenizer_corpus([r["caption"] for r in rows], [captune.DEFAULT_QUESTION]))
+    model = write_tiny_model(root / "base", tokenizer)
+    args = ["train", "--model", str(model), "--data", str(root / "train.jsonl"), "--recipe", "tiny_cpu_lora",
+            "--max-steps", "3", "--save-every", "1", "--log-every", "1", "--global-batch-size", "4",
+            "--per-device-batch-size", "4", "--lora-dropout", "0.1"]
+    assert main([*args, "--out", str(root / "straight")]) == 0
+    return args, root / "straight"
+
+
+def curve(out: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(out)]
+
+
+SAVE_2 = r"/\.checkpoint-000002\.tmp"
+TRAIN_POINTS = {  # point: (hooked function, call pattern, before/after/partial, extra options, checkpoints left)
+    "mid-save": ("torch.save", SAVE_2 + "/trainer_state.pt$", "before", [], [1]),  # adapter written, state not
+    "complete-before-rename": ("os.replace", SAVE_2 + " -> ", "before", [], [1]),
+    "after-rename": ("os.replace", SAVE_2 + " -> ", "after", [], [1, 2]),  # before pruning
+    # pruning checkpoint-000001 once checkpoint-000002 is saved; rmtree got as far as the adapter weights
+    "mid-prune": ("shutil.rmtree", r"checkpoint-000001", "partial", ["--keep-checkpoints", "1"], [2]),
+}
+
+
+@pytest.mark.parametrize("point", TRAIN_POINTS)
+def test_killed_checkpoint_save_resumes_to_the_same_loss_curve(killer, tiny_run, tmp_path, point):
+    args, straight = tiny_run
+    target, match, when, options, left = TRAIN_POINTS[point]
+    out = tmp_path / "run"
+    killer(tmp_path, point, target, match, when=when, inside="trainer_state.pt" if when == "partial" else None,
+           partial="adapter_model.safetensors", argv=[*args, *options, "--out", str(out)])
+
+    found = list_checkpoints(out)  # what a resume sees (after tidying the leftovers)
+    assert [s for s, _ in found] == left
+    assert hidden_folders(out) == []
+    for _, path in found:  # every checkpoint it could pick is whole
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            captune.load(path)
+    assert main([*args, *options, "--out", str(out)]) == 0
+    assert f"resumed from {out / f'checkpoint-{left[-1]:06d}'}" in (out / "train.log").read_text()
+    assert curve(out) == curve(straight)  # bit for bit
+    assert [s for s, _ in list_checkpoints(out)] == ([3] if options else [2, 3]) and hidden_folders(out) == []
+
+
+WRITE_BEST = textwrap.dedent("""
+    import shutil, torch
+    from captune.checkpointing import write_checkpoint
+    new, out = Path(spec["new"]), Path(spec["out"])
+    write_checkpoint(out, "best", lambda folder: [shutil.copy2(f, folder) for f in new.glob("adapter_*")],
+                     torch.load(new / "trainer_state.pt", weights_only=False), None)
+""")
+BEST_POINTS = {  # point: (call pattern, before/after, which best/ is left)
+    "before-renames": (r"/best -> .*/\.best\.old$", "before", "old"),
+    "between-renames": (r"/\.best\.tmp -> .*/best$", "before", "old"),  # best/ missing until recovered
+    "after-renames": (r"/\.best\.tmp -> .*/best$", "after", "new"),  # .best.old not yet deleted
+}
+
+
+@pytest.mark.parametrize("point", BEST_POINTS)
+def test_killed_replacement_of_best_keeps_a_whole_best(killer, tiny_run, tmp_path, point):
+    """`best/` is replaced by write_checkpoint (new into .best.tmp, old aside to .best.old, new renamed in, old
+    deleted), as a `--resume false` rerun replaces checkpoint-N. Once the next run starts, one whole `best/`."""
+    from safetensors.torch import load_file
+
+    _, straight = tiny_run
+    old, new = straight / "checkpoint-000002", straight / "checkpoint-000003"
+    out = tmp_path / "run"
+    shutil.copytree(old, out / "best")
+    match, when, left = BEST_POINTS[point]
+    killer(tmp_path, point, "os.replace", match, when=when, code=WRITE_BEST, new=str(new), out=str(out))
+
+    latest_checkpoint(out)  # what `captune train` does first
+    assert hidden_folders(out) == []
+    expected = {"old": old, "new": new}[left]
+    assert_bit_identical(load_file(out / "best" / "adapter_model.safetensors"),
+                         load_file(expected / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captune.load(out / "best")
+    write_checkpoint(out, "best", lambda folder: [shutil.copy2(f, folder) for f in new.glob("adapter_*")],
+                     torch.load(new / "trainer_state.pt", weights_only=False), None)  # the next save succeeds
+    assert sorted(p.name for p in out.iterdir()) == ["best"]
