@@ -13,8 +13,8 @@ import json
 import statistics
 from pathlib import Path
 
-from captune.demo import evaluate_demo, train_demo
-from captune.synthetic import make_synthetic_dataset
+from captune.data.synthetic import make_synthetic_dataset
+from captune.demo.demo import evaluate_demo, train_demo
 
 
 def run(seeds: list[int], out: Path, overrides: dict) -> dict[str, dict[int, float]]:

@@ -33,9 +33,9 @@ def timed(fn, warmup: int = 2, steps: int = 5) -> float:
 
 
 def main() -> None:
-    from captune.bench import bench_processor, lora_model, training_samples
-    from captune.packing import collate_shared
-    from captune.train import CaptionLoss
+    from captune.demo.bench import bench_processor, lora_model, training_samples
+    from captune.train.loss import CaptionLoss
+    from captune.train.packing import collate_shared
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer")

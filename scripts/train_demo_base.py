@@ -14,12 +14,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from captune import config as cfg
-from captune.merge import merge
-from captune.processor import DEFAULT_QUESTION
-from captune.synthetic import make_synthetic_dataset, write_style_jsonl
-from captune.tinymodel import TinySpec, build_compact_tokenizer, tokenizer_corpus, write_tiny_model
-from captune.train import train
+from captune.data.synthetic import make_synthetic_dataset, write_style_jsonl
+from captune.demo.tinymodel import (
+    TinySpec,
+    build_compact_tokenizer,
+    tokenizer_corpus,
+    write_tiny_model,
+)
+from captune.inputs.processor import DEFAULT_QUESTION
+from captune.merge.merge import merge
+from captune.train import config as cfg
+from captune.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

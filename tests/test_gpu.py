@@ -11,8 +11,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_flex_attention_training_step_equals_dense_sdpa(tmp_path):
     """The FlexAttention path (BlockMask, with its backward) gives the loss and LoRA gradients of the plain
     SDPA path with the same mask as a dense tensor."""
-    import test_packing as tp
-    from captune.packing import GroupDataset, collate_shared, group_samples
+    import packed_setup as tp
+
+    from captune.train.packing import GroupDataset, collate_shared, group_samples
 
     samples, processor, peft = tp.build_setup(tmp_path)
     peft.cuda()
@@ -36,9 +37,10 @@ def test_compiled_training_step_equals_eager(tmp_path):
     and LoRA gradients of the eager model on unpadded rows. In bf16 under autocast, as training runs on a GPU
     (FlexAttention's float32 backward kernels do not fit an H100's shared memory); tests/test_train.py checks
     the compiled path in float32 on the CPU."""
-    import test_packing as tp
-    from captune.packing import GroupDataset, collate_shared, group_samples
-    from captune.train import compile_model
+    import packed_setup as tp
+
+    from captune.train.loss import compile_model
+    from captune.train.packing import GroupDataset, collate_shared, group_samples
 
     samples, processor, peft = tp.build_setup(tmp_path)
     for p in peft.parameters():

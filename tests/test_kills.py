@@ -22,14 +22,19 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny import (
+    IMAGE_TOKEN_ID,
+    all_tensors,
+    assert_bit_identical,
+    write_original_checkpoint,
+)
 
 import captune
-from captune.checkpoint import open_checkpoint
-from captune.checkpointing import latest_checkpoint, list_checkpoints, write_checkpoint
 from captune.cli import main
 from captune.errors import CaptuneError
-from captune.runlog import read_log
-from tiny import IMAGE_TOKEN_ID, all_tensors, assert_bit_identical, write_original_checkpoint
+from captune.internvl.folder import open_checkpoint
+from captune.train.runlog import read_log
+from captune.train.state import latest_checkpoint, list_checkpoints, write_checkpoint
 
 KILLER = textwrap.dedent("""
     import importlib, os, re, signal, sys
@@ -71,7 +76,7 @@ KILLER = textwrap.dedent("""
 # fresh child per kill (before any torch op has started a thread pool); the server only reports how it ended.
 FORK_SERVER = textwrap.dedent("""
     import json, os, sys, traceback
-    import captune.checkpointing, captune.cli, captune.convert, captune.merge, captune.train, peft, transformers
+    import captune.train.state, captune.cli, captune.internvl.convert, captune.merge.merge, captune.train.loop, peft, transformers
     for line in sys.stdin:
         spec = json.loads(line)
         pid = os.fork()
@@ -131,8 +136,8 @@ def hidden_folders(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def writers(tmp_path_factory):
     """A 3-shard original release (no tokenizer), an adapter for it, and complete convert and merge outputs."""
-    from captune.lora import add_lora
-    from captune.merge import merge
+    from captune.internvl.lora import add_lora
+    from captune.merge.merge import merge
 
     root = tmp_path_factory.mktemp("writers")
     base = write_original_checkpoint(root / "base", "internlm2", shards=3)
@@ -170,8 +175,8 @@ TMP_TO_OUT = r"/\.out\.tmp-[^/]* -> .*/out$"  # the rename that gives OUT its co
 OUT_TO_OLD = r"/out -> .*/\.out\.old-[^/]*$"  # replacing: the previous OUT set aside first
 
 WRITER_POINTS = {  # point: (OUT exists before, hooked function, call pattern, nth call, before/after it)
-    "before-any-shard": (False, "captune.convert._save_shard", "", 1, "before"),
-    "mid-shards": (False, "captune.convert._save_shard", "", 2, "before"),  # 1 of 3 shards written
+    "before-any-shard": (False, "captune.internvl.convert._save_shard", "", 1, "before"),
+    "mid-shards": (False, "captune.internvl.convert._save_shard", "", 2, "before"),  # 1 of 3 shards written
     "complete-before-rename": (False, "os.replace", TMP_TO_OUT, 1, "before"),
     "after-rename": (False, "os.replace", TMP_TO_OUT, 1, "after"),
     "replace-before-renames": (True, "os.replace", OUT_TO_OLD, 1, "before"),
@@ -228,7 +233,11 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Tiny model and captions (as tests/test_train.py), and an uninterrupted 3-step run: its loss curve."""
-    from captune.tinymodel import build_compact_tokenizer, tokenizer_corpus, write_tiny_model
+    from captune.demo.tinymodel import (
+        build_compact_tokenizer,
+        tokenizer_corpus,
+        write_tiny_model,
+    )
 
     root = tmp_path_factory.mktemp("train")
     (root / "images").mkdir()
@@ -286,7 +295,7 @@ def test_killed_checkpoint_save_resumes_to_the_same_loss_curve(killer, tiny_run,
 
 WRITE_BEST = textwrap.dedent("""
     import shutil, torch
-    from captune.checkpointing import write_checkpoint
+    from captune.train.state import write_checkpoint
     new, out = Path(spec["new"]), Path(spec["out"])
     write_checkpoint(out, "best", lambda folder: [shutil.copy2(f, folder) for f in new.glob("adapter_*")],
                      torch.load(new / "trainer_state.pt", weights_only=False), None)

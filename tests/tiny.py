@@ -54,8 +54,8 @@ def random_original_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tens
     """Random weights with the original names, derived from the native model's shapes."""
     from transformers import InternVLForConditionalGeneration
 
-    from captune.convert import native_config
-    from captune.tinymodel import original_state_dict
+    from captune.demo.tinymodel import original_state_dict
+    from captune.internvl.config import native_config
 
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(native_config(cfg, IMAGE_TOKEN_ID))

@@ -18,19 +18,19 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "captune.model",
-    "resolve_dtype": "captune.model",
-    "Processor": "captune.processor",
-    "DEFAULT_QUESTION": "captune.processor",
-    "tile_image": "captune.tiling",
-    "load_image": "captune.tiling",
-    "load_tokenizer": "captune.tokenizer",
-    "get_template": "captune.templates",
-    "encode_prompt": "captune.templates",
-    "encode_conversation": "captune.templates",
-    "caption_images": "captune.generate",
-    "GenerationSettings": "captune.generate",
-    "convert_checkpoint": "captune.convert",
+    "load": "captune.internvl.load",
+    "resolve_dtype": "captune.devices",
+    "Processor": "captune.inputs.processor",
+    "DEFAULT_QUESTION": "captune.inputs.processor",
+    "tile_image": "captune.inputs.tiling",
+    "load_image": "captune.inputs.tiling",
+    "load_tokenizer": "captune.internvl.tokenizer",
+    "get_template": "captune.inputs.templates",
+    "encode_prompt": "captune.inputs.templates",
+    "encode_conversation": "captune.inputs.templates",
+    "caption_images": "captune.eval.generate",
+    "GenerationSettings": "captune.eval.generate",
+    "convert_checkpoint": "captune.internvl.convert",
     "CaptuneError": "captune.errors",
 }
 

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import CaptuneError
+from captune.errors import CaptuneError
 
 EXIT_USER_ERROR = 2
 
@@ -31,7 +31,7 @@ EXIT_USER_ERROR = 2
 def demo(out: str = "runs/demo", train_images: int = 200, test_images: int = 50, epochs: float = 8.0,
          force: bool = False) -> dict:
     """Data, eval, LoRA training, eval, merge, plain-transformers captioning: the tutorial end to end."""
-    from .demo import demo as run
+    from captune.demo.demo import demo as run
 
     return run(out, train_images, test_images, epochs, force)
 
@@ -48,9 +48,9 @@ def caption(
     dtype: str = "auto",
 ) -> list[str]:
     """Print one caption per image, in order (greedy, as InternVL2's `model.chat()`)."""
-    from .generate import GenerationSettings, caption_images
-    from .model import load
-    from .tiling import load_image
+    from captune.eval.generate import GenerationSettings, caption_images
+    from captune.inputs.tiling import load_image
+    from captune.internvl.load import load
 
     pictures = [load_image(p) for p in images]  # fail on a bad image before loading a large model
     net, processor = load(model, dtype=dtype, device=device)
@@ -65,7 +65,7 @@ def caption(
 
 def convert(src: str, out: str, to: str = "hf", force: bool = False) -> None:
     """Write a checkpoint in the other layout (bit-identical tensors, same sharding)."""
-    from .convert import convert_checkpoint as run
+    from captune.internvl.convert import convert_checkpoint as run
 
     run(src, out, to=to, force=force)
     print(f"wrote {out} ({'transformers native' if to == 'hf' else 'original InternVL2'} layout)")
@@ -73,7 +73,7 @@ def convert(src: str, out: str, to: str = "hf", force: bool = False) -> None:
 
 def data_coco(karpathy: str, images: str, out: str) -> None:
     """Write coco_karpathy_train_567k.jsonl, coco_karpathy_test.json and coco_karpathy_test_gt.json."""
-    from .traindata import data_coco_command
+    from captune.data.coco import data_coco_command
 
     data_coco_command(karpathy, images, out)
 
@@ -81,7 +81,7 @@ def data_coco(karpathy: str, images: str, out: str) -> None:
 def data_synthetic(out: str, train: int = 400, test: int = 100, seed: int = 0, style: int = 0, image_size: int = 448,
                    force: bool = False) -> None:
     """Render shapes scenes with five reference captions each, in the tutorial's data/coco layout."""
-    from .synthetic import data_synthetic_command
+    from captune.data.synthetic import data_synthetic_command
 
     data_synthetic_command(out, train=train, test=test, seed=seed, style=style, image_size=image_size, force=force)
 
@@ -89,7 +89,7 @@ def data_synthetic(out: str, train: int = 400, test: int = 100, seed: int = 0, s
 def data_check(data: str, model: str | None = None, max_tiles: int = 6, max_seq_length: int = 4096,
                workers: int | None = None, image_root: str | None = None) -> None:
     """Count missing or unreadable images, malformed lines, empty captions, over-long samples."""
-    from .traindata import data_check_command
+    from captune.data.check import data_check_command
 
     problems = data_check_command(data, model=model, max_tiles=max_tiles, max_seq_length=max_seq_length,
                                   workers=workers, image_root=image_root)
@@ -102,7 +102,7 @@ def evaluate(model: str, data: str | None = None, test_json: str | None = None, 
              batch_size: int | None = None, limit: int | None = None, device: str = "auto", dtype: str = "auto",
              spice: bool = False, num_workers: int | None = None, force: bool = False) -> dict | None:
     """Caption the test set, score it, write results.json, metrics.json and report.html."""
-    from .evaluate import evaluate as run
+    from captune.eval.evaluate import evaluate as run
 
     return run(model, data, test_json, gt_json, image_root, out, max_tiles, batch_size, limit, device, dtype, spice,
                num_workers, force=force)
@@ -110,41 +110,60 @@ def evaluate(model: str, data: str | None = None, test_json: str | None = None, 
 
 def score(results: str, gt: str, spice: bool = False, out: str | None = None) -> dict:
     """Score a COCO results file with the official scorers (as the tutorial's evaluation)."""
-    from .scoring import score_command
+    from captune.eval.scoring import score_command
 
     return score_command(results, gt, spice=spice, out=out)
 
 
 def train(recipe: str | None, overrides: dict[str, str]) -> Path:
     """LoRA fine-tuning; the resolved configuration is written to OUT/captune.yaml before training starts."""
-    from . import config
-    from .train import train as run
+    from captune.train import config
+    from captune.train.loop import train as run
 
     return run(config.resolve(recipe, overrides))
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """One option per field of TrainConfig: `--lora-rank 64`, `--gradient-checkpointing false`, ..."""
+def _add_train_options(p: argparse.ArgumentParser, recipe: str | None) -> None:
+    """One option per field of TrainConfig (`--lora-rank 64`, `--gradient-checkpointing false`, ...), each with its
+    help and the value that will apply: the recipe's (`--recipe` on the same command line, else the default one)."""
     import dataclasses
 
-    from .config import TrainConfig
+    from captune.train.config import HELP, REQUIRED, TrainConfig, recipe_values
 
-    p.add_argument("--recipe", default=None, help="a shipped recipe name or a YAML file (default internvl2_2b_coco_lora)")
+    try:
+        applies = recipe_values(recipe)
+    except CaptuneError:  # an unknown recipe is reported when the command runs, not while building --help
+        applies = TrainConfig(recipe=recipe or TrainConfig.recipe)
+    p.add_argument("--recipe", default=None, help=f"{HELP['recipe']} (default {TrainConfig.recipe}; shipped: "
+                                                  "demo_lora, internvl2_2b_coco_lora, tiny_cpu_lora)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "recipe":
             continue
+        value = getattr(applies, f.name)
+        shown = "required" if f.name in REQUIRED else (
+            f"{applies.recipe}: {','.join(map(str, value)) if isinstance(value, tuple) else value!s}" if value != ""
+            else "unset")
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.type in ("bool", bool) or f.name == "resume":
-            p.add_argument(flag, nargs="?", const="true", default=None, metavar="BOOL", help=f"(default {default})")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, nargs="?", const="true", default=None, metavar="BOOL", help=f"{HELP[f.name]} ({shown})")
         else:
-            p.add_argument(flag, default=None, metavar=f.name.split("_")[-1].upper(), help=f"(default {default})")
+            p.add_argument(flag, default=None, metavar=f.name.split("_")[-1].upper(), help=f"{HELP[f.name]} ({shown})")
+
+
+def _recipe_in(argv: Sequence[str]) -> str | None:
+    """The value of --recipe on a command line, before it is parsed (train's help shows that recipe's values)."""
+    for i, arg in enumerate(argv):
+        if arg == "--recipe" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--recipe="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def merge(adapter: str, out: str, format: str = "hf", dtype: str = "bf16", force: bool = False,
           base: str | None = None, verify: bool = True, device: str = "auto") -> Path:
     """Merge LoRA weights into the base, shard by shard; check the logits; write atomically."""
-    from .merge import merge_command
+    from captune.merge.merge import merge_command
 
     return merge_command(adapter, out, format=format, dtype=dtype, force=force, base=base, verify=verify,
                          device=device)
@@ -152,7 +171,7 @@ def merge(adapter: str, out: str, format: str = "hf", dtype: str = "bf16", force
 
 def verify_merge(adapter: str, merged: str, base: str | None = None, device: str = "auto") -> float:
     """`captune merge`'s checks on a merged folder; returns the relative logits error against base + adapter."""
-    from .merge import verify_merge_command
+    from captune.merge.merge import verify_merge_command
 
     return verify_merge_command(adapter, merged, base=base, device=device)
 
@@ -160,7 +179,7 @@ def verify_merge(adapter: str, merged: str, base: str | None = None, device: str
 def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24,
                batch_sizes: str = "64,128", workers: int = 12, device: str = "cuda", out: str | None = None) -> dict:
     """Images/s of captioning one image at a time (the original) and batched (captune), same GPU, same run."""
-    from .bench import bench_eval as run
+    from captune.demo.bench import bench_eval as run
 
     return run(tokenizer, images=images, baseline_images=baseline_images,
                batch_sizes=tuple(int(b) for b in batch_sizes.split(",")), workers=workers, device=device, out=out)
@@ -169,7 +188,7 @@ def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images:
 def bench_train(tokenizer: str | None = None, steps: int = 8, budgets: str = "16384", device: str = "cuda",
                 out: str | None = None, brief: bool = False) -> dict:
     """Caption-samples/s of the tutorial's training and of shared-prefix packing, same GPU, same run."""
-    from .bench import bench_train as run
+    from captune.demo.bench import bench_train as run
 
     return run(tokenizer, steps=steps, budgets=tuple(int(b) for b in budgets.split(",")), device=device, out=out,
                steps_between=not brief)
@@ -185,7 +204,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto: bf16 on GPU, fp32 on CPU")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -231,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: score(a.results, a.gt, a.spice, a.out))
 
     p = sub.add_parser("train", help="LoRA fine-tuning with a recipe (also under torchrun)")
-    _add_train_options(p)
+    _add_train_options(p, _recipe_in(argv))
     p.set_defaults(func=lambda a: train(a.recipe, {k: v for k, v in vars(a).items()
                                                    if v is not None and k not in ("recipe", "func", "command")}))
 
@@ -325,7 +344,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     warnings.showwarning = _show_warning
     _quiet_libraries()
     func: Callable = args.func

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .model import resolve_device
+from captune.devices import resolve_device
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import CaptuneError
+from captune.errors import CaptuneError
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

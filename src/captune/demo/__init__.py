@@ -1,0 +1,1 @@
+"""The offline demo, tiny models, and the GPU benchmarks' helpers."""

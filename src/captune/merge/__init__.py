@@ -1,0 +1,1 @@
+"""Folding a LoRA adapter into its base model, shard by shard, and checking the result."""

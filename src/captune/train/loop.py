@@ -1,0 +1,362 @@
+"""`captune train`: LoRA fine-tuning with the tutorial's recipe, from one CPU to many GPUs, resumable.
+
+    captune train --model data/InternVL2-2B --data data/coco --out runs/coco-lora
+    torchrun --nproc-per-node 8 -m captune train --model data/InternVL2-2B --data data/coco --out runs/coco-lora
+
+One optimizer step sees `global_batch_size` captions: `per_device_batch_size` per micro-batch and process,
+accumulated over `global / (per_device x processes)` micro-batches. The loss of a step is the mean
+cross-entropy over all of its supervised tokens (every process, every micro-batch), so it does not depend on
+how the captions are split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from captune import distributed
+from captune.errors import CaptuneError
+from captune.train import config as cfg
+from captune.train.batching import (
+    CaptionTrainDataset,
+    Schedule,
+    TrainBatch,
+    collate_separate,
+)
+from captune.train.loss import (
+    CaptionLoss,
+    compile_model,
+    enable_gradient_checkpointing,
+    should_compile,
+)
+from captune.train.packing import (
+    GroupDataset,
+    collate_shared,
+    group_samples,
+    should_share,
+)
+from captune.train.parallel import load_shards, trainable_to_float32, wrap_for_processes
+from captune.train.runlog import RunLog
+from captune.train.saving import restore_checkpoint, restore_rng, save_checkpoint
+from captune.train.state import (
+    latest_checkpoint,
+)
+
+
+class Collate:
+    def __init__(self, pad_token_id: int, shared: bool, token_budget: int, static: bool):
+        self.pad_token_id, self.shared, self.token_budget, self.static = pad_token_id, shared, token_budget, static
+
+    def __call__(self, items):
+        errors = [it for it in items if "error" in it]
+        if self.shared:
+            return collate_shared(items, self.pad_token_id, self.token_budget, pad_to_budget=self.static), errors
+        return collate_separate(items, self.pad_token_id), errors
+
+
+PROMPT_TOKENS = 60  # system message, question and role tokens around the image (InternLM2 tokenizer)
+
+
+def _unit_lengths(samples, groups, processor, max_tiles: int) -> list[int]:
+    """Approximate tokens of each unit, for grouping and packing: the image's tiles (from its header), the
+    prompt, and about a token per 4 characters of each caption."""
+    lengths = []
+    for g in groups:
+        try:
+            tiles = processor.num_tiles(g.image, max_tiles)
+        except Exception:
+            tiles = 1
+        captions = sum(len(samples[i].caption) // 4 + 2 for i in g.members)
+        lengths.append(tiles * processor.tokens_per_tile + PROMPT_TOKENS + captions)
+    return lengths
+
+
+def load_training_samples(config: cfg.TrainConfig, processor, log: RunLog):
+    """Read the data, check every image header up front and drop bad samples (counted in the log)."""
+    from captune.data.check import check_samples, format_problems
+    from captune.data.samples import read_training_data
+
+    report = read_training_data(config.data)
+    checked = check_samples(report.samples, decode_images=False, max_tiles=config.max_tiles,
+                            tile_size=processor.tile_size, thumbnail=processor.thumbnail,
+                            min_tiles=processor.min_tiles, progress=log.enabled)
+    for note in report.notes:
+        log.info(note)
+    for problems in (report.problems, checked.problems):
+        if problems.total:
+            log.info(f"skipping bad training samples: {format_problems(problems)}")
+    if not checked.samples:
+        raise CaptuneError("no usable training samples", config.data)
+    return checked.samples
+
+
+def _optimizer(model: nn.Module, config: cfg.TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas), eps=config.adam_eps)
+
+
+def _scheduler(optimizer, config: cfg.TrainConfig, total_steps: int):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    warmup = math.ceil(total_steps * config.warmup_ratio)
+    if config.lr_scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    if config.lr_scheduler == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def _prepare_out(config: cfg.TrainConfig, ctx: distributed.Context) -> Path | None:
+    """Decide between a new run and a resumed one; write captune.yaml. Returns the checkpoint to resume from."""
+    out = Path(config.out)
+    resume_from = latest_checkpoint(out) if config.resume != "false" else None
+    if config.resume == "true" and resume_from is None:
+        raise CaptuneError("--resume true, but there is no complete checkpoint to resume from", out)
+    if resume_from is not None and (out / cfg.RUN_CONFIG).is_file():
+        before = cfg.load_run_config(out)
+        for key in ("model", "data", "lora_rank", "lora_alpha", "lora_vision", "train_projector", "global_batch_size",
+                    "per_device_batch_size", "seed", "share_prefix"):
+            if getattr(before, key) != getattr(config, key):
+                raise CaptuneError(f"holds a run with {key}={getattr(before, key)!r}, not {getattr(config, key)!r}; "
+                                   "use another --out, or --resume false to start again", out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(config, out)
+    return resume_from
+
+
+def _truncate_log(out: Path, step: int) -> None:
+    """A resumed run rewrites what the interrupted one logged after its last checkpoint."""
+    import json
+
+    path = out / "log.jsonl"
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+
+
+def train(config: cfg.TrainConfig) -> Path:
+    """Run (or resume) a LoRA fine-tuning; return the folder of the final adapter."""
+    from tqdm import tqdm
+
+    from captune.devices import resolve_dtype
+    from captune.internvl.load import load
+    from captune.internvl.lora import add_lora, count_parameters, init_lora_weights
+
+    ctx = distributed.init(config.device)
+    log, finished = None, False
+    try:
+        torch_dtype = resolve_dtype(None if config.dtype == "auto" else config.dtype, ctx.device)
+        resume_from = _prepare_out(config, ctx)
+        out = Path(config.out)
+        log = RunLog(out, enabled=ctx.is_main)
+        log.info(f"training {config.model} on {config.data} -> {out}" + (f" ({ctx.world_size} processes)" if ctx.distributed else ""))
+        sharded = config.fsdp and ctx.distributed
+        if config.eval_every > 0 and sharded:
+            raise CaptuneError("--eval-every needs the whole model in one process; it does not work with --fsdp "
+                               "(evaluate a checkpoint with `captune eval` instead)")
+        # Under FSDP2 the model is built on the meta device and each rank loads only its shard of every weight.
+        model, processor = load(config.model, dtype=torch_dtype, device="meta" if sharded else ctx.device)
+        if processor is None:
+            raise CaptuneError("has no tokenizer files; cannot train", config.model)
+        model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_vision,
+                         config.train_projector)
+        if not sharded:
+            init_lora_weights(model, config.seed)
+        trainable_to_float32(model)
+        torch.manual_seed(config.seed + ctx.rank)  # LoRA dropout: each rank draws its own numbers
+        trainable, total = count_parameters(model)
+        log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model.base_model.model)
+        model.train()
+
+        if config.eval_every > 0:
+            from captune.data.evalsets import resolve_eval_set
+
+            resolve_eval_set(config.eval_data or config.data, limit=1)  # fail now, not hours into the run
+        samples = load_training_samples(config, processor, log)
+        shared = should_share(samples, config.share_prefix)
+        groups = group_samples(samples, shared)
+        schedule = Schedule(_unit_lengths(samples, groups, processor, config.max_tiles),
+                            [len(g.members) for g in groups], config, ctx.world_size, shared)
+        log.info(f"{len(samples):,} captions of {len({str(g.image) for g in groups}):,} images, "
+                 f"{schedule.steps_per_epoch:,} steps per epoch, {schedule.total_steps:,} steps, "
+                 + (f"shared prefixes: {len(groups):,} image groups packed into rows of <= {config.token_budget} tokens"
+                    if shared else f"gradient accumulation {schedule.accumulation}"))
+
+        if shared and ctx.device.type == "cuda":
+            # FlexAttention skips the masked-out blocks; on the CPU (no FlexAttention backward) SDPA takes the mask dense
+            model.base_model.model.model.language_model.set_attn_implementation("flex_attention")
+        compiled = should_compile(config, ctx.device, shared, sharded)
+        if compiled:
+            log.info("compiling the model (torch.compile; the first steps take a few minutes)")
+            compile_model(model.base_model.model, static_rows=shared)
+        loss_module = CaptionLoss(model)
+        wrapped = wrap_for_processes(loss_module, ctx, config, torch_dtype)
+        if sharded:
+            load_shards(loss_module, config, ctx.device)
+        optimizer = _optimizer(wrapped, config)
+        scheduler = _scheduler(optimizer, config, schedule.total_steps)
+        start_step, best, state = 0, {"cider": -1.0}, None
+        if resume_from is not None:
+            state = restore_checkpoint(resume_from, loss_module, wrapped, optimizer, scheduler, ctx, config)
+            start_step, best = state["step"], state.get("best", best)
+            log.info(f"resumed from {resume_from} at step {start_step}")
+            if ctx.is_main:
+                _truncate_log(out, start_step)
+        elif ctx.is_main:
+            _truncate_log(out, 0)  # a run that died before its first checkpoint starts again from step 0
+
+        dataset = (GroupDataset(samples, groups, processor, config.max_tiles, config.max_seq_length) if shared
+                   else CaptionTrainDataset(samples, processor, config.max_tiles, config.max_seq_length))
+        loader = DataLoader(dataset, batch_sampler=list(schedule.for_rank(ctx.rank, start_step)),
+                            num_workers=config.num_workers,
+                            collate_fn=Collate(processor.pad_token_id, shared, config.token_budget, static=compiled),
+                            pin_memory=ctx.device.type == "cuda",
+                            prefetch_factor=4 if config.num_workers > 0 else None)
+        batches = iter(loader)
+        if state is not None:  # after everything that draws random numbers on the way to the first step
+            restore_rng(state, ctx)
+        autocast = (torch.autocast(device_type=ctx.device.type, dtype=torch_dtype)
+                    if torch_dtype != torch.float32 else nullcontext())
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+
+        bar = tqdm(total=schedule.total_steps, initial=start_step, desc="training", unit="step",
+                   disable=not ctx.is_main, dynamic_ncols=True)
+        skipped_total, stand_in = 0, None
+        for step in range(start_step, schedule.total_steps):
+            t0 = time.perf_counter()
+            micro: list[TrainBatch | None] = []
+            skipped = 0
+            for _ in range(schedule.micro_batches(ctx.rank, step)):
+                batch, errors = next(batches)
+                skipped += sum(e.get("captions", 1) for e in errors)
+                for e in errors:
+                    log.info(f"skipped a sample: {e['error']}")
+                micro.append(batch)  # None: every image of the micro-batch failed to load
+            usable = [b for b in micro if b is not None]
+            counts = torch.tensor([sum(b.num_tokens for b in usable), sum(b.num_captions for b in usable),
+                                   sum(b.num_real_tokens for b in usable), skipped, len(micro) - len(usable)],
+                                  dtype=torch.float64, device=ctx.device)
+            if ctx.distributed:
+                dist.all_reduce(counts)
+            skipped_total += int(counts[3].item())
+            if counts[4].item():
+                log.info(f"step {step + 1}: {int(counts[4].item())} micro-batch(es) without a loadable image; "
+                         "ran zero-weight stand-ins")
+            n_tokens = max(counts[0].item(), 1.0)
+            loss_total = torch.zeros((), device=ctx.device)
+            for i, batch in enumerate(micro):
+                weight = 1.0
+                if batch is None:
+                    # Skipping it would leave this process one forward/backward (and its collectives) short
+                    # of the others, and DDP/FSDP would wait forever: run a stand-in that counts for nothing.
+                    stand_in = stand_in or loader.collate_fn([dataset.stand_in()])[0]
+                    batch, weight = stand_in, 0.0
+                batch = batch.to(ctx.device, torch_dtype)
+                sync = i == len(micro) - 1 or not ctx.distributed or config.fsdp
+                with (wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else nullcontext()), autocast:
+                    loss_sum = wrapped(batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids,
+                                       batch.pixel_values, batch.num_tokens)
+                # DDP averages gradients over processes; scale so the result is the mean over all tokens.
+                (loss_sum * (weight * ctx.world_size / n_tokens)).backward()
+                loss_total += weight * loss_sum.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
+                                                       config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ctx.distributed:
+                dist.all_reduce(loss_total)
+            loss = loss_total.item() / n_tokens
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if done % config.log_every == 0 or done == schedule.total_steps:
+                record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "samples_per_s": counts[1].item() / elapsed, "tokens_per_s": counts[2].item() / elapsed,
+                          "skipped": skipped_total}
+                if ctx.device.type == "cuda":
+                    record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                log.scalars(done, record)
+            if config.eval_every > 0 and done % config.eval_every == 0:
+                best = _evaluate_during_training(done, loss_module, wrapped, optimizer, scheduler, processor, ctx,
+                                                 config, log, best)
+            if done % config.save_every == 0 or done == schedule.total_steps:
+                save_checkpoint(out, done, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
+        bar.close()
+        # Rank 0 may still be writing the last checkpoint, which the others must not look for yet (and which
+        # latest_checkpoint would take for a half-written leftover).
+        distributed.barrier(ctx)
+        if ctx.device.type == "cuda":
+            log.info(f"peak GPU memory {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GB")
+        final = latest_checkpoint(out)
+        log.info(f"done: adapter in {final}")
+        finished = True
+        return final
+    finally:
+        if log is not None:
+            log.close()  # on every path, before the teardown: flushes the logs, joins the TensorBoard writer's thread
+        # A barrier first when this process finished, none after an error (see distributed.shutdown).
+        distributed.shutdown(ctx, finished=finished)
+
+
+def _evaluate_during_training(step, loss_module, wrapped, optimizer, scheduler, processor, ctx, config, log, best):
+    """Caption `eval_limit` test images with the current weights, log BLEU-4/METEOR/CIDEr, keep the best."""
+    import tempfile
+
+    from captune.data.evalsets import resolve_eval_set
+    from captune.eval.evaluate import CaptionLog, EvalSettings, generate_captions
+    from captune.eval.scoring import score_captions
+
+    improved = False
+    if ctx.is_main:
+        evalset = resolve_eval_set(config.eval_data or config.data, limit=config.eval_limit)
+        net = loss_module.net
+        net.eval()
+        dtype = next(p.dtype for p in net.model.language_model.parameters() if not p.requires_grad)
+        # generation runs eagerly (the compiled LLM is for the training shape) and, like training, under autocast:
+        # the float32 LoRA weights meet bf16 activations
+        with tempfile.TemporaryDirectory() as tmp, torch.compiler.set_stance("force_eager"), \
+                torch.autocast(device_type=ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            caption_log = CaptionLog(Path(tmp), 0, False)
+            settings = EvalSettings(model=config.model, test_json=str(evalset.gt_path), max_tiles=config.max_tiles)
+            generate_captions(net, processor, evalset.images, caption_log, settings, batch_size=8, num_workers=0,
+                              progress=False)
+            caption_log.close()
+            from captune.eval.evaluate import read_jsonl
+
+            results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in read_jsonl(caption_log.captions_path)]
+        net.train()
+        metrics = score_captions(results, evalset.gt_path).metrics
+        log.scalars(step, {k: v for k, v in metrics.items() if k in ("Bleu_4", "METEOR", "CIDEr")}, prefix="eval")
+        log.info(f"step {step}: BLEU-4 {metrics['Bleu_4']:.3f} METEOR {metrics['METEOR']:.3f} CIDEr {metrics['CIDEr']:.3f}")
+        improved = metrics["CIDEr"] > best["cider"]
+        if improved:
+            best = {"cider": metrics["CIDEr"], "step": step}
+    if ctx.distributed:
+        box = [best, improved]
+        dist.broadcast_object_list(box)
+        best, improved = box
+    if improved:
+        save_checkpoint(Path(config.out), step, loss_module, wrapped, optimizer, scheduler, ctx, config,
+                        {"best": best}, name="best")
+    return best

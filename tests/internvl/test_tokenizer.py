@@ -1,0 +1,254 @@
+"""captune.internvl.tokenizer against the original InternLM2Tokenizer (fixtures) and SentencePiece itself."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import sentencepiece
+
+from captune.errors import CaptuneError
+from captune.inputs.templates import chat_template
+from captune.internvl.tokenizer import image_token_ids, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok_dir(fixtures):
+    return fixtures / "tokenizer_internvl2"
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def ref(fixtures):
+    return json.loads((fixtures / "tokenization_reference.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def config(tok_dir):
+    return json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def sp(tok_dir):
+    return sentencepiece.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+
+
+def _expanded_query(ref):
+    query = ref["chat_queries"]["internlm2-chat"]
+    n = ref["num_image_token"] * ref["n_patches"]
+    return query["prompt_with_image_placeholder"].replace("<image>", "<img>" + "<IMG_CONTEXT>" * n + "</img>")
+
+
+def test_is_fast_and_matches_chat_query_ids(tok, ref):
+    assert tok.is_fast
+    assert tok(_expanded_query(ref)).input_ids == ref["chat_queries"]["internlm2-chat"]["input_ids"]
+
+
+def test_training_strings_match_original_ids(tok, ref):
+    # the original tokenizes the whole conversation string at once; rebuild it from the fixture's own pieces
+    for sample in ref["train"]:
+        text = tok.decode(sample["input_ids"][1:])  # bos dropped, as the tokenizer adds it back
+        assert tok(text).input_ids == sample["input_ids"]
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_decode_skip_special_matches_original(tok, ref, case):
+    entry = ref["decode"][case]
+    assert tok.decode(entry["ids"], skip_special_tokens=True) == entry["decoded_skip_special"]
+
+
+def test_decode_keeps_trailing_and_leading_spaces(tok):
+    assert tok.decode([290, 5718, 281, 262, 92542], skip_special_tokens=True) == "A dog. "
+    assert tok.decode([262, 290], skip_special_tokens=True) == " A"
+
+
+def test_added_tokens_keep_their_release_ids(tok, config):
+    assert len(config["added_tokens_decoder"]) == 18
+    vocab = tok.get_vocab()
+    for token_id, entry in config["added_tokens_decoder"].items():
+        content = entry["content"]
+        assert vocab[content] == int(token_id)
+        assert tok.convert_ids_to_tokens(int(token_id)) == content
+        assert tok.decode([int(token_id)]) == content
+        assert tok.decode([int(token_id)], skip_special_tokens=True) == ""
+        assert tok(content, add_special_tokens=False).input_ids == [int(token_id)]
+    assert "[UNUSED_TOKEN_145]" not in vocab
+    assert len(tok) == 92553
+
+
+def test_special_tokens_and_settings(tok, config):
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "</s>", "<unk>")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 2, 0)
+    assert tok.model_max_length == config["model_max_length"]
+    ids = tok("hello").input_ids
+    assert ids[0] == 1 and ids[-1] != 2  # bos prepended, no eos
+
+
+def test_image_token_ids(tok, config):
+    by_content = {e["content"]: int(i) for i, e in config["added_tokens_decoder"].items()}
+    assert image_token_ids(tok) == {t: by_content[t] for t in ("<img>", "</img>", "<IMG_CONTEXT>")}
+
+
+def _random_texts(n: int, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
+    pools = [
+        [chr(c) for c in range(32, 127)],
+        [" ", "  ", "   ", "\n", "\n\n", "\t", "\t\t", "\r\n", " \n ", "    \n"],
+        list("0123456789") + ["2024", "3.14159", "1,000,000"],
+        [chr(c) for c in range(0x4E00, 0x9FFF)] + list("，。！？、；：“”‘’（）《》——……·"),
+        ["😀", "👍🏽", "🇫🇷", "👨‍👩‍👧", "🤖", "❤️", "🍕", "𝔘𝔫𝔦"],
+        list("éèêëàâäôöûüçñÅØßÉœæ") + ["e\u0301", "a\u0308", "ﬁ"],
+        [chr(c) for c in list(range(1, 32)) + [127] + list(range(0x80, 0xA0))],  # \x00: see test below
+        [chr(c) for c in range(0xE000, 0xE100)] + [chr(0xF0000), chr(0x10FFFD)],
+        list("ＡＢＥＦｚａ０") + ["——", "………", "[UNUSED_TOKEN_3]", "[UNUSED_TOKEN_1"],
+        [" the", "ing", " of", " and", "http://www.", "\\n", " A man riding a horse."],
+    ]
+    texts = []
+    for _ in range(n):
+        parts = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 40))]
+        texts.append("".join(parts))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def random_texts(tok):
+    specials = [str(t) for t in tok.all_special_tokens]
+    return [t for t in _random_texts(400) if not any(s in t for s in specials)]
+
+
+def test_fuzz_ids_and_decode_match_sentencepiece(tok, sp, random_texts):
+    assert len(random_texts) > 350
+    for text in random_texts:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert ids == sp.encode(text), repr(text)
+        assert tok.decode(ids) == sp.decode(ids) == text, repr(text)
+
+
+def test_fuzz_decode_of_arbitrary_ids_matches_sentencepiece(tok, sp):
+    rng = random.Random(7)
+    for _ in range(300):  # includes lone byte-fallback pieces, i.e. invalid UTF-8
+        ids = [rng.randrange(3, 92538) for _ in range(rng.randint(1, 12))]
+        assert tok.decode(ids) == sp.decode(ids), ids
+
+
+def test_null_character_keeps_its_piece(tok):
+    # tokenizer.model has "\x00" as a normal piece (354). SentencePiece <= 0.2.1, which the original ran on, encodes
+    # it so; 0.2.2 refuses the model and 0.2.3 byte-falls-back to <0x00> (3). captune keeps the original's ids.
+    assert tok("a\x00b", add_special_tokens=False).input_ids == [264, 354, 260]
+    assert tok.decode([264, 354, 260]) == "a\x00b"
+
+
+FRESH_LOAD = textwrap.dedent("""
+    import json, sys
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+    assert "captune" not in sys.modules
+    job = json.load(open(sys.argv[2], encoding="utf-8"))
+    print(json.dumps({
+        "ids": [tok(t).input_ids for t in job["texts"]],
+        "decoded": [tok.decode(ids, skip_special_tokens=True) for ids in job["decode"]],
+        "im_end": tok.decode([92542]),
+        "special": [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token],
+        "model_max_length": tok.model_max_length,
+        "chat": tok.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=False),
+    }))
+""")
+
+
+@pytest.mark.slow
+def test_save_pretrained_reloads_in_fresh_process_without_captune(tok, ref, random_texts, tmp_path):
+    out = tmp_path / "exported"
+    tok.chat_template = chat_template("internlm2-chat")
+    try:
+        tok.save_pretrained(out)
+    finally:
+        tok.chat_template = None
+    saved = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "InternLM2" not in json.dumps(saved) and "auto_map" not in saved
+    assert saved["model_max_length"] == 8192
+    assert (saved["bos_token"], saved["eos_token"], saved["pad_token"], saved["unk_token"]) == (
+        "<s>", "</s>", "</s>", "<unk>")
+
+    texts = [_expanded_query(ref)] + random_texts[:100]
+    decode = [entry["ids"] for entry in ref["decode"]] + [tok(t).input_ids for t in random_texts[:100]]
+    messages = [{"role": "user", "content": "<image>\n" + ref["question"]}]
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"texts": texts, "decode": decode, "messages": messages}), encoding="utf-8")
+    script = tmp_path / "fresh_load.py"
+    script.write_text(FRESH_LOAD, encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script), str(out), str(job)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+
+    assert got["ids"][0] == ref["chat_queries"]["internlm2-chat"]["input_ids"]
+    assert got["ids"][1:] == [tok(t).input_ids for t in random_texts[:100]]
+    assert got["decoded"][:2] == [entry["decoded_skip_special"] for entry in ref["decode"]]
+    assert got["decoded"][2:] == random_texts[:100]
+    assert got["im_end"] == "<|im_end|>"
+    assert got["special"] == ["<s>", "</s>", "</s>", "<unk>"]
+    assert got["model_max_length"] == 8192
+    assert got["chat"] == ref["chat_queries"]["internlm2-chat"]["prompt_with_image_placeholder"]
+
+
+def test_missing_protobuf_says_what_to_install(tok_dir, monkeypatch):
+    monkeypatch.delitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", raising=False)
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)
+    with pytest.raises(CaptuneError, match="pip install sentencepiece protobuf"):
+        load_tokenizer(tok_dir)
+
+
+def test_missing_sentencepiece_says_what_to_install(tok_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)
+    with pytest.raises(CaptuneError, match="pip install sentencepiece protobuf"):
+        load_tokenizer(tok_dir)
+
+
+def test_folder_without_tokenizer_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CaptuneError, match="no tokenizer files") as err:
+        load_tokenizer(tmp_path)
+    assert err.value.path == tmp_path
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CaptuneError, match="not found"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_malformed_files(tok_dir, tmp_path):
+    bad_config = tmp_path / "bad_config"
+    bad_config.mkdir()
+    (bad_config / "tokenizer.model").write_bytes((tok_dir / "tokenizer.model").read_bytes())
+    (bad_config / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(CaptuneError, match="tokenizer_config.json"):
+        load_tokenizer(bad_config)
+
+    bad_model = tmp_path / "bad_model"
+    bad_model.mkdir()
+    (bad_model / "tokenizer.model").write_bytes(b"\xff\x00 definitely not a protobuf")
+    (bad_model / "tokenizer_config.json").write_text((tok_dir / "tokenizer_config.json").read_text())
+    with pytest.raises(CaptuneError, match="SentencePiece"):
+        load_tokenizer(bad_model)
+
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "tokenizer.json").write_text("{}")
+    with pytest.raises(CaptuneError, match="cannot load the tokenizer") as err:
+        load_tokenizer(bad_json)
+    assert err.value.path == bad_json
+
+
+def test_other_tokenizers_go_through_autotokenizer(tok, tmp_path):
+    out = tmp_path / "plain"
+    tok.save_pretrained(out)
+    again = load_tokenizer(out)
+    assert again("A dog.").input_ids == tok("A dog.").input_ids

@@ -1,0 +1,80 @@
+"""The layout rules of docs/architecture.md, checked on the source: imports run one way between the stages, no
+module reaches into another's private names, modules stay small, tests do not import each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "captune"
+TESTS = Path(__file__).resolve().parent
+FOUNDATIONS = {"errors", "fileio", "devices", "distributed"}
+# Each stage, and what it may import besides the foundations (docs/architecture.md).
+ALLOWED = {
+    "inputs": set(),
+    "internvl": {"inputs"},
+    "data": {"internvl", "inputs"},
+    "eval": {"data", "internvl", "inputs"},
+    "train": {"eval", "data", "internvl", "inputs"},
+    "merge": {"internvl", "inputs"},
+    "demo": {"train", "eval", "data", "internvl", "inputs", "merge"},
+}
+MAX_LINES = 450  # "no module over ~400 lines"
+
+
+def _modules() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def _stage(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    return rel.parts[0] if len(rel.parts) > 1 else rel.parts[0]
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module imported from, names) of every `from captune... import ...` in the file, lazy imports included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and (node.module == "captune" or node.module.startswith("captune.")):
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            found.append(("." * node.level + (node.module or ""), [a.name for a in node.names]))
+    return found
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_run_one_way(path):
+    stage = _stage(path)
+    if stage not in ALLOWED and stage not in FOUNDATIONS:
+        return  # cli, __init__, __main__: the top may import anything
+    allowed = ALLOWED.get(stage, set()) | FOUNDATIONS | {stage}
+    for module, names in _imports(path):
+        assert not module.startswith("."), f"{path}: relative import {module}; use captune.<package>"
+        parts = module.split(".")
+        target = parts[1] if len(parts) > 1 else names[0]
+        if stage in FOUNDATIONS:
+            assert target in {"errors", stage} or (stage == "distributed" and target == "devices"), f"{path} imports {module}"
+        else:
+            assert target in allowed, f"{path} ({stage}) imports {module}: not allowed by docs/architecture.md"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_private_names_across_modules(path):
+    for module, names in _imports(path):
+        private = [n for n in names if n.startswith("_")]
+        assert not private, f"{path} imports {private} from {module}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_modules_stay_small(path):
+    assert len(path.read_text().splitlines()) <= MAX_LINES, f"{path}: split it by what it does"
+
+
+def test_tests_do_not_import_each_other():
+    for path in TESTS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0].startswith("test_") for n in names), f"{path} imports a test module"
