@@ -197,11 +197,30 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, budgets: str = "16
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", default=None, help="default: the tutorial's caption question")
     p.add_argument("--max-tiles", type=int, default=6, help="dynamic tiling: at most this many 448px tiles (+ thumbnail)")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--min-new-tokens", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption in tokens (the original: 30)")
+    p.add_argument("--min-new-tokens", type=int, default=8, help="shortest caption in tokens (the original: 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="images captioned together")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto: bf16 on GPU, fp32 on CPU")
+
+
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help lines end with the option's default, where it has one (None and False are no default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default %(default)s)"
+        return text
+
+
+def _show_defaults(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("train",)) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if name not in skip:  # train shows the recipe's values itself
+                    sub.formatter_class = _ShowDefaults
+                    _show_defaults(sub, skip)
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -209,16 +228,16 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the tutorial in miniature, offline, on the CPU (a few minutes)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--train-images", type=int, default=200)
-    p.add_argument("--test-images", type=int, default=50)
-    p.add_argument("--epochs", type=float, default=8.0)
+    p.add_argument("--out", default="runs/demo", help="folder for the data, runs, reports and merged model")
+    p.add_argument("--train-images", type=int, default=200, help="training images (five captions each)")
+    p.add_argument("--test-images", type=int, default=50, help="test images")
+    p.add_argument("--epochs", type=float, default=8.0, help="passes over the training captions")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=lambda a: demo(a.out, a.train_images, a.test_images, a.epochs, a.force))
 
     p = sub.add_parser("caption", help="caption images")
     p.add_argument("model", help="an InternVL2 checkpoint folder (original or native layout)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files; one caption line per image, in order")
     _add_generation_options(p)
     p.set_defaults(func=lambda a: caption(a.model, a.images, a.question, a.max_tiles, a.max_new_tokens,
                                           a.min_new_tokens, a.batch_size, a.device, a.dtype))
@@ -230,10 +249,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--gt-json", help="the reference captions in COCO format (default: --test-json)")
     p.add_argument("--image-root", help="folder the image paths are relative to")
     p.add_argument("--out", help="output folder (default runs/eval-MODELNAME); re-running resumes")
-    p.add_argument("--max-tiles", type=int, default=6)
+    p.add_argument("--max-tiles", type=int, default=6, help="dynamic tiling: at most this many tiles (+ thumbnail)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64 on GPU, 4 on CPU)")
     p.add_argument("--limit", type=int, default=None, help="only the first N test images")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default; under torchrun: this process's GPU)")
     p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default min(8, CPUs))")
     p.add_argument("--spice", action="store_true", help="also SPICE (downloads Stanford CoreNLP on first use)")
@@ -245,7 +264,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score a COCO results file against COCO-format references")
     p.add_argument("results", help="[{\"image_id\": ..., \"caption\": ...}, ...]")
     p.add_argument("gt", help="COCO captions format: images + annotations")
-    p.add_argument("--spice", action="store_true")
+    p.add_argument("--spice", action="store_true", help="also SPICE (downloads Stanford CoreNLP on first use)")
     p.add_argument("--out", help="write the metrics to this JSON file")
     p.set_defaults(func=lambda a: score(a.results, a.gt, a.spice, a.out))
 
@@ -262,71 +281,75 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="where to write the annotation files")
     q.set_defaults(func=lambda a: data_coco(a.karpathy, a.images, a.out))
     q = data_sub.add_parser("synthetic", help="write a small synthetic caption data set (shapes) in the tutorial's layout")
-    q.add_argument("out")
+    q.add_argument("out", help="the data folder to write (the tutorial's data/coco layout)")
     q.add_argument("--train", type=int, default=400, help="training images (5 captions each)")
     q.add_argument("--test", type=int, default=100, help="test images")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the scenes and captions")
     q.add_argument("--style", type=int, default=0, help="also write N images captioned in the base model's style")
-    q.add_argument("--image-size", type=int, default=448)
-    q.add_argument("--force", action="store_true")
+    q.add_argument("--image-size", type=int, default=448, help="side of the square images in pixels")
+    q.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     q.set_defaults(func=lambda a: data_synthetic(a.out, a.train, a.test, a.seed, a.style, a.image_size, a.force))
     q = data_sub.add_parser("check", help="validate a training set before hours of training")
     q.add_argument("data", help="a data folder, InternVL meta json, jsonl, COCO captions json or dataset_coco.json")
     q.add_argument("--model", help="a checkpoint folder, to check sample lengths with its tokenizer")
-    q.add_argument("--max-tiles", type=int, default=6)
-    q.add_argument("--max-seq-length", type=int, default=4096)
-    q.add_argument("--workers", type=int, default=None)
-    q.add_argument("--image-root", default=None)
-    q.set_defaults(func=lambda a: data_check(a.data, a.model, a.max_tiles, a.max_seq_length, a.workers, a.image_root))
+    q.add_argument("--max-tiles", type=int, default=6, help="dynamic tiling: at most this many tiles (+ thumbnail)")
+    q.add_argument("--max-seq-length", type=int, default=4096, help="samples longer than this are reported")
+    q.add_argument("--num-workers", "--workers", dest="num_workers", type=int, default=None,
+                   help="processes decoding images (default: the CPU count, at most 32)")
+    q.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: guessed)")
+    q.set_defaults(func=lambda a: data_check(a.data, a.model, a.max_tiles, a.max_seq_length, a.num_workers,
+                                             a.image_root))
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model, checked")
     p.add_argument("adapter", help="a checkpoint folder written by captune train")
-    p.add_argument("out")
-    p.add_argument("--format", choices=["hf", "internvl", "both"], default="hf")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("out", help="the merged model's folder (written atomically)")
+    p.add_argument("--format", choices=["hf", "internvl", "both"], default="hf",
+                   help="hf: transformers' native layout; internvl: the original's; both: OUT/hf and OUT/internvl")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged weights")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--base", default=None, help="the base model (default: the one recorded in the adapter)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the check against the adapter (it holds the model in float32: 26B and up)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="where the checks run: cuda, cpu or auto")
     p.set_defaults(func=lambda a: merge(a.adapter, a.out, a.format, a.dtype, a.force, a.base, a.verify, a.device))
 
     p = sub.add_parser("verify-merge", help="check a merged model against base + adapter, as merge does")
-    p.add_argument("adapter")
-    p.add_argument("merged")
-    p.add_argument("--base", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("adapter", help="the adapter folder the merge was made from")
+    p.add_argument("merged", help="the merged model's folder")
+    p.add_argument("--base", default=None, help="the base model (default: the one recorded in the adapter)")
+    p.add_argument("--device", default="auto", help="where the checks run: cuda, cpu or auto")
     p.set_defaults(func=lambda a: verify_merge(a.adapter, a.merged, a.base, a.device))
 
     p = sub.add_parser("bench", help="GPU speed: the tutorial's way and captune's side by side (random weights)")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     q = bench_sub.add_parser("eval", help="captioning: one image at a time vs batched, end to end")
     q.add_argument("--tokenizer", help="an InternLM2 tokenizer folder (default: a compact stand-in)")
-    q.add_argument("--images", type=int, default=640)
-    q.add_argument("--baseline-images", type=int, default=24)
-    q.add_argument("--batch-sizes", default="64,128")
-    q.add_argument("--workers", type=int, default=12)
-    q.add_argument("--device", default="cuda")
+    q.add_argument("--images", type=int, default=640, help="images captioned by captune's batched path")
+    q.add_argument("--baseline-images", type=int, default=24, help="images captioned one at a time (the original's way)")
+    q.add_argument("--batch-sizes", default="64,128", help="batch sizes to measure, comma-separated")
+    q.add_argument("--num-workers", "--workers", dest="workers", type=int, default=12, help="image decoding workers")
+    q.add_argument("--device", default="cuda", help="the GPU to measure")
     q.add_argument("--out", default=None, help="folder for bench_eval.json")
     q.set_defaults(func=lambda a: bench_eval(a.tokenizer, a.images, a.baseline_images, a.batch_sizes, a.workers,
                                              a.device, a.out))
     q = bench_sub.add_parser("train", help="training: one caption per sample vs shared-prefix packing")
     q.add_argument("--tokenizer", help="an InternLM2 tokenizer folder (default: a compact stand-in)")
-    q.add_argument("--steps", type=int, default=8)
+    q.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
     q.add_argument("--budgets", default="16384",
                    help="token budgets per packed micro-batch, comma-separated (the first is the default row)")
-    q.add_argument("--device", default="cuda")
+    q.add_argument("--device", default="cuda", help="the GPU to measure")
     q.add_argument("--out", default=None, help="folder for bench_train.json")
     q.add_argument("--brief", action="store_true",
                    help="only (a) the tutorial's way and (b) the default, without the variants between them")
     q.set_defaults(func=lambda a: bench_train(a.tokenizer, a.steps, a.budgets, a.device, a.out, a.brief))
 
     p = sub.add_parser("convert", help="convert a checkpoint between the original and the native layout")
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--to", choices=["hf", "internvl"], default="hf")
+    p.add_argument("src", help="a checkpoint folder (original InternVL2 or native layout)")
+    p.add_argument("out", help="the converted folder (written atomically)")
+    p.add_argument("--to", choices=["hf", "internvl"], default="hf", help="hf: transformers' native layout; internvl: the original")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.set_defaults(func=lambda a: convert(a.src, a.out, a.to, a.force))
+    _show_defaults(parser)
     return parser
 
 
