@@ -449,3 +449,33 @@ def test_data_check_measures_lengths_with_the_models_geometry(tmp_path, capsys):
     make_synthetic_dataset(tmp_path / "data", train=4, test=1, seed=0, image_size=(448, 224))
     problems = data_check_command(tmp_path / "data", model=base_model_path(), max_seq_length=512, workers=0)
     assert problems == 0, capsys.readouterr().out
+
+
+def test_image_check_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    """A resume (or a second process) only stats the images: unchanged files are not opened again, a changed one is."""
+    import PIL.Image
+
+    from captune.data.check import check_samples
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (40 + i, 30), (i * 50, 0, 0)).save(paths[-1])
+    paths.append(tmp_path / "missing.jpg")  # reported, and looked for again next time
+    samples = [Sample(p, ({"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "c"})) for p in paths]
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    cache = tmp_path / "run" / "image_check.json"
+    first = check_samples(samples, decode_images=False, progress=False, cache=cache)
+    assert len(opened) == 4 and len(first.samples) == 3 and first.problems.counts == {"missing image": 1}
+    opened.clear()
+    again = check_samples(samples, decode_images=False, progress=False, cache=cache)
+    assert opened == [] and again.samples == first.samples and again.problems.counts == {"missing image": 1}
+    paths[1].write_bytes(paths[1].read_bytes()[:100])  # truncated: its size changes
+    changed = check_samples(samples, decode_images=False, progress=False, cache=cache)
+    assert opened == [str(paths[1])]
+    assert [s.image for s in changed.samples] == [paths[0], paths[2]]
+    opened.clear()
+    check_samples(samples, decode_images=True, progress=False, cache=cache)  # a header check does not stand for decoding
+    assert len(opened) == 4

@@ -4,6 +4,7 @@ sample's token count against `max_seq_length`; problems counted by kind with exa
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
 import os
 import warnings
@@ -55,6 +56,7 @@ def check_samples(
     min_tiles: int = 1,
     workers: int = 0,
     progress: bool = True,
+    cache: Path | None = None,
 ) -> CheckReport:
     """Keep the samples whose image is readable (and, given `length_fn(sample, num_tiles)`, not over-long).
 
@@ -62,10 +64,21 @@ def check_samples(
     tile count is the one training will use.
 
     Each distinct image is opened once: fully decoded with `decode_images` (finds truncated files), else only its
-    header (fast, for the start of training). `workers` > 0 spreads the images over a process pool.
+    header (fast, for the start of training). `workers` > 0 spreads the images over a process pool. With `cache` (a
+    JSON file; training keeps one in its run folder) what was found is kept, keyed by path, size and modification
+    time, and a file that has not changed since is not opened again: a resume, and every process of a run after the
+    first, only `stat` the images.
     """
     images = list(dict.fromkeys(s.image for s in samples))
-    results = _inspect_images(images, decode_images, workers, progress)
+    known = _read_cache(cache, decode_images) if cache is not None else {}
+    stats = {image: _stat(image) for image in images} if cache is not None else {}
+    todo = [image for image in images
+            if cache is None or str(image) not in known or known[str(image)][0] != stats[image]]
+    fresh = set(todo)
+    results = {image: tuple(known[str(image)][1]) for image in images if image not in fresh}
+    results.update(_inspect_images(todo, decode_images, workers, progress))
+    if cache is not None and todo:
+        _write_cache(cache, decode_images, {str(image): (stats[image], results[image]) for image in images})
     problems = Problems()
     for image in images:
         kind, reason, _ = results[image]
@@ -98,6 +111,31 @@ def _short_enough(sample: Sample, size: tuple[int, int], length_fn: LengthFn, ma
         problems.add(OVER_LONG, f"{sample.image}: {length} tokens > max_seq_length {max_seq_length}")
         return False
     return True
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_cache(cache: Path, decode: bool) -> dict[str, list]:
+    """{path: [[size, mtime_ns], [kind, reason, size]]}; results of a header-only check do not stand for decoding."""
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("images"), dict) or (decode and not data.get("decoded")):
+        return {}
+    return data["images"]
+
+
+def _write_cache(cache: Path, decode: bool, entries: dict[str, tuple]) -> None:
+    from captune.fileio import write_json_atomic
+
+    write_json_atomic(cache, {"decoded": decode, "images": entries}, indent=None)
 
 
 def _inspect_images(images: list[Path], decode: bool, workers: int, progress: bool) -> dict[Path, tuple]:

@@ -78,6 +78,10 @@ def _unit_lengths(samples, groups, processor, max_tiles: int) -> list[int]:
     return lengths
 
 
+# What the image check found, kept in the run folder so that a resume does not open every image again.
+IMAGE_CACHE = "image_check.json"
+
+
 def load_training_samples(config: cfg.TrainConfig, processor, log: RunLog):
     """Read the data, check every image header up front and drop bad samples (counted in the log)."""
     from captune.data.check import check_samples, format_problems
@@ -86,7 +90,7 @@ def load_training_samples(config: cfg.TrainConfig, processor, log: RunLog):
     report = read_training_data(config.data)
     checked = check_samples(report.samples, decode_images=False, max_tiles=config.max_tiles,
                             tile_size=processor.tile_size, thumbnail=processor.thumbnail,
-                            min_tiles=processor.min_tiles, progress=log.enabled)
+                            min_tiles=processor.min_tiles, progress=log.enabled, cache=Path(config.out) / IMAGE_CACHE)
     for note in report.notes:
         log.info(note)
     for problems in (report.problems, checked.problems):
