@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from tiny import (
     IMAGE_TOKEN_ID,
     all_tensors,
     assert_bit_identical,
     write_original_checkpoint,
 )
+from tiny_captions import write_tiny_captions
 
 import captune
 from captune.cli import main
@@ -227,30 +227,10 @@ def test_killed_writer_leaves_out_absent_or_complete(killer, writers, tmp_path, 
 
 # --------------------------------------------------------------------------------------------- training checkpoints
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), "yellow": (230, 210, 20)}
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Tiny model and captions (as tests/test_train.py), and an uninterrupted 3-step run: its loss curve."""
-    from captune.demo.tinymodel import (
-        build_compact_tokenizer,
-        tokenizer_corpus,
-        write_tiny_model,
-    )
-
-    root = tmp_path_factory.mktemp("train")
-    (root / "images").mkdir()
-    rows = []
-    for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in ("circle", "square")):
-        im = Image.new("RGB", (160, 160), (245, 245, 245))
-        draw = ImageDraw.Draw(im)
-        (draw.ellipse if shape == "circle" else draw.rectangle)([30, 30, 130, 130], fill=COLOURS[colour])
-        im.save(root / "images" / f"{i}.jpg", quality=95)
-        rows += [{"image": f"images/{i}.jpg", "caption": f"a {colour} {shape} on a white background"}] * 4
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokenizer = build_compact_tokenizer(tokenizer_corpus([r["caption"] for r in rows], [captune.DEFAULT_QUESTION]))
-    model = write_tiny_model(root / "base", tokenizer)
+    """Tiny model and captions (as tests/train/test_loop.py), and an uninterrupted 3-step run: its loss curve."""
+    root, model, _ = write_tiny_captions(tmp_path_factory.mktemp("train"))
     args = ["train", "--model", str(model), "--data", str(root / "train.jsonl"), "--recipe", "tiny_cpu_lora",
             "--max-steps", "3", "--save-every", "1", "--log-every", "1", "--global-batch-size", "4",
             "--per-device-batch-size", "4", "--lora-dropout", "0.1"]

@@ -12,41 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from tiny_captions import write_tiny_captions
 
 import captune
 from captune.cli import main
-from captune.demo.tinymodel import (
-    build_compact_tokenizer,
-    tokenizer_corpus,
-    write_tiny_model,
-)
 from captune.train import config as cfg
 from captune.train.runlog import read_log
 from captune.train.state import list_checkpoints
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), "yellow": (230, 210, 20)}
-
-
-def caption_of(colour: str, shape: str) -> str:
-    return f"a {colour} {shape} on a white background"
-
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    rows = []
-    for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in ("circle", "square")):
-        im = Image.new("RGB", (160, 160), (245, 245, 245))
-        draw = ImageDraw.Draw(im)
-        (draw.ellipse if shape == "circle" else draw.rectangle)([30, 30, 130, 130], fill=COLOURS[colour])
-        im.save(root / "images" / f"{i}.jpg", quality=95)
-        rows += [{"image": f"images/{i}.jpg", "caption": caption_of(colour, shape)}] * 4
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokenizer = build_compact_tokenizer(tokenizer_corpus([r["caption"] for r in rows], [captune.DEFAULT_QUESTION]))
-    model = write_tiny_model(root / "base", tokenizer)
-    return root, model, rows
+    return write_tiny_captions(tmp_path_factory.mktemp("data"))
 
 
 def run_config(root: Path, model: Path, out: Path, **overrides) -> cfg.TrainConfig:
