@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # torchrun on 2 GPUs: training (DDP) and evaluation split over the GPUs, on a tiny model and synthetic data:
 #   OUT=runs/gpu2 bash benchmarks/gpu_multi.sh
-# Needs .bench/tiny (captune.tinymodel) and .bench/synth (captune data synthetic).
+# Needs .bench/tiny (captune.demo.tinymodel) and .bench/synth (captune data synthetic).
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-runs/gpu2}
