@@ -29,6 +29,7 @@ from captune.data.samples import (
     read_training_data,
 )
 from captune.errors import CaptuneError
+from captune.fileio import write_json_atomic
 from captune.inputs.tiling import count_tiles, load_image
 
 
@@ -36,10 +37,6 @@ from captune.inputs.tiling import count_tiles, load_image
 class CheckReport:
     samples: list[Sample]
     problems: Problems
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checking
 
 
 LengthFn = Callable[[Sample, int], int]
@@ -66,8 +63,8 @@ def check_samples(
     Each distinct image is opened once: fully decoded with `decode_images` (finds truncated files), else only its
     header (fast, for the start of training). `workers` > 0 spreads the images over a process pool. With `cache` (a
     JSON file; training keeps one in its run folder) what was found is kept, keyed by path, size and modification
-    time, and a file that has not changed since is not opened again: a resume, and every process of a run after the
-    first, only `stat` the images.
+    time, and a file that has not changed since is not opened again: a resumed run only `stat`s the images. (The
+    processes of a fresh torchrun start still each open them: they check at the same time.)
     """
     images = list(dict.fromkeys(s.image for s in samples))
     known = _read_cache(cache, decode_images) if cache is not None else {}
@@ -133,8 +130,6 @@ def _read_cache(cache: Path, decode: bool) -> dict[str, list]:
 
 
 def _write_cache(cache: Path, decode: bool, entries: dict[str, tuple]) -> None:
-    from captune.fileio import write_json_atomic
-
     write_json_atomic(cache, {"decoded": decode, "images": entries}, indent=None)
 
 
