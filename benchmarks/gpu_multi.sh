@@ -14,7 +14,7 @@ cp "$OUT/train/log.jsonl" "$OUT/train_log.jsonl" 2>/dev/null
 # FSDP2 over NCCL against one GPU, in float32 so that the two must agree to rounding
 FSDP_ARGS="--model .bench/tiny --data .bench/synth --recipe tiny_cpu_lora --device cuda --dtype fp32 --max-steps 6
   --save-every 3 --lora-dropout 0 --log-every 1 --global-batch-size 16 --per-device-batch-size 4"
-torchrun --nproc-per-node 2 -m captune train $FSDP_ARGS --out "$OUT/fsdp" --fsdp true 2>&1 | grep -v "training:" \
+torchrun --nproc-per-node 2 -m captune train $FSDP_ARGS --out "$OUT/fsdp" --fsdp 2>&1 | grep -v "training:" \
   | tail -6 | tee "$OUT/fsdp.log"
 CUDA_VISIBLE_DEVICES=0 python -m captune train $FSDP_ARGS --out "$OUT/one" 2>&1 | grep -v "training:" | tail -3
 python - "$OUT" <<'PY' | tee -a "$OUT/fsdp.log"

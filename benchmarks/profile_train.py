@@ -33,9 +33,14 @@ def timed(fn, warmup: int = 2, steps: int = 5) -> float:
 
 
 def main() -> None:
-    from captune.demo.bench import bench_processor, lora_model, training_samples
+    from captune.demo.bench import (
+        bench_processor,
+        internvl2_2b_config,
+        lora_model,
+        training_samples,
+    )
     from captune.train.loss import CaptionLoss
-    from captune.train.packing import collate_shared
+    from captune.train.collate import collate_shared
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer")
@@ -48,14 +53,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cpu" if args.tiny else "cuda")
     processor = bench_processor(None if args.tiny else args.tokenizer)
-    config = None
-    if args.tiny:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from test_bench import tiny_config
-
-        config = tiny_config()
+    config = internvl2_2b_config(tiny=True) if args.tiny else None
     peft = lora_model(dev, processor, config)
     net = peft.base_model.model
     if not args.tiny:

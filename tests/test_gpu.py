@@ -11,14 +11,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_flex_attention_training_step_equals_dense_sdpa(tmp_path):
     """The FlexAttention path (BlockMask, with its backward) gives the loss and LoRA gradients of the plain
     SDPA path with the same mask as a dense tensor."""
-    import packed_setup as tp
+    from helpers import packed_setup as tp
 
-    from captune.train.packing import GroupDataset, collate_shared, group_samples
+    from captune.data.table import SampleTable
+    from captune.train.collate import collate_shared
+    from captune.train.dataset import CaptionDataset, group_samples
 
     samples, processor, peft = tp.build_setup(tmp_path)
     peft.cuda()
-    groups = group_samples(samples, share=True)
-    dataset = GroupDataset(samples, groups, processor, 6, 4096)
+    table = SampleTable.of(samples)
+    groups = group_samples(table, share=True)
+    dataset = CaptionDataset(table, groups, processor, 6, 4096)
     batch = collate_shared([dataset[g] for g in range(len(groups))], processor.pad_token_id, 10_000)
     batch = batch.to(torch.device("cuda"), torch.float32)
     lm = peft.base_model.model.model.language_model
@@ -37,18 +40,21 @@ def test_compiled_training_step_equals_eager(tmp_path):
     and LoRA gradients of the eager model on unpadded rows. In bf16 under autocast, as training runs on a GPU
     (FlexAttention's float32 backward kernels do not fit an H100's shared memory); tests/test_train.py checks
     the compiled path in float32 on the CPU."""
-    import packed_setup as tp
+    from helpers import packed_setup as tp
 
+    from captune.data.table import SampleTable
+    from captune.train.collate import collate_shared
+    from captune.train.dataset import CaptionDataset, group_samples
     from captune.train.loss import compile_model
-    from captune.train.packing import GroupDataset, collate_shared, group_samples
 
     samples, processor, peft = tp.build_setup(tmp_path)
     for p in peft.parameters():
         if not p.requires_grad:
             p.data = p.data.bfloat16()
     peft.cuda()
-    groups = group_samples(samples, share=True)
-    items = [GroupDataset(samples, groups, processor, 6, 4096)[g] for g in range(len(groups))]
+    table = SampleTable.of(samples)
+    groups = group_samples(table, share=True)
+    items = [CaptionDataset(table, groups, processor, 6, 4096)[g] for g in range(len(groups))]
     eager_batch = collate_shared(items, processor.pad_token_id, 4096).to(torch.device("cuda"), torch.bfloat16)
     padded = collate_shared(items, processor.pad_token_id, 4096, pad_to_budget=True).to(torch.device("cuda"),
                                                                                          torch.bfloat16)

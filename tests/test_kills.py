@@ -11,6 +11,7 @@ training gives the loss curve of an uninterrupted one) and no temporary folder i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -21,20 +22,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import (
+from helpers.tiny import (
     IMAGE_TOKEN_ID,
     all_tensors,
     assert_bit_identical,
     write_original_checkpoint,
 )
-from tiny_captions import write_tiny_captions
+from helpers.tiny_captions import write_tiny_captions
 
 import captune
 from captune.cli import main
 from captune.errors import CaptuneError
 from captune.internvl.folder import open_checkpoint
 from captune.train.runlog import read_log
-from captune.train.state import latest_checkpoint, list_checkpoints, write_checkpoint
+from captune.train.state import (
+    TRAINER_STATE,
+    latest_checkpoint,
+    list_checkpoints,
+    write_checkpoint,
+)
 
 KILLER = textwrap.dedent("""
     import importlib, os, re, signal, sys
@@ -242,7 +248,7 @@ def curve(out: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(out)]
 
 
-SAVE_2 = r"/\.checkpoint-000002\.tmp"
+SAVE_2 = r"/\.checkpoint-000002\.tmp-\d+"
 TRAIN_POINTS = {  # point: (hooked function, call pattern, before/after/partial, extra options, checkpoints left)
     "mid-save": ("torch.save", SAVE_2 + "/trainer_state.pt$", "before", [], [1]),  # adapter written, state not
     "complete-before-rename": ("os.replace", SAVE_2 + " -> ", "before", [], [1]),
@@ -281,16 +287,16 @@ WRITE_BEST = textwrap.dedent("""
                      torch.load(new / "trainer_state.pt", weights_only=False), None)
 """)
 BEST_POINTS = {  # point: (call pattern, before/after, which best/ is left)
-    "before-renames": (r"/best -> .*/\.best\.old$", "before", "old"),
-    "between-renames": (r"/\.best\.tmp -> .*/best$", "before", "old"),  # best/ missing until recovered
-    "after-renames": (r"/\.best\.tmp -> .*/best$", "after", "new"),  # .best.old not yet deleted
+    "before-renames": (r"/best -> .*/\.best\.old-\d+$", "before", "old"),
+    "between-renames": (r"/\.best\.tmp-\d+ -> .*/best$", "before", "old"),  # best/ missing until recovered
+    "after-renames": (r"/\.best\.tmp-\d+ -> .*/best$", "after", "new"),  # .best.old-PID not yet deleted
 }
 
 
 @pytest.mark.parametrize("point", BEST_POINTS)
 def test_killed_replacement_of_best_keeps_a_whole_best(killer, tiny_run, tmp_path, point):
-    """`best/` is replaced by write_checkpoint (new into .best.tmp, old aside to .best.old, new renamed in, old
-    deleted), as a `--resume false` rerun replaces checkpoint-N. Once the next run starts, one whole `best/`."""
+    """`best/` is replaced by write_checkpoint (new into .best.tmp-PID, old aside to .best.old-PID, new renamed in,
+    old deleted), as a `--resume false` rerun replaces checkpoint-N. Once the next run starts, one whole `best/`."""
     from safetensors.torch import load_file
 
     _, straight = tiny_run
@@ -311,3 +317,41 @@ def test_killed_replacement_of_best_keeps_a_whole_best(killer, tiny_run, tmp_pat
     write_checkpoint(out, "best", lambda folder: [shutil.copy2(f, folder) for f in new.glob("adapter_*")],
                      torch.load(new / "trainer_state.pt", weights_only=False), None)  # the next save succeeds
     assert sorted(p.name for p in out.iterdir()) == ["best"]
+
+
+# --------------------------------------------------------------------------------------------- the recovery rules
+
+
+def test_recovery_touches_only_leftovers_of_gone_writers(tmp_path):
+    """Beside an output folder, only leftovers of writers that are gone are tidied (a dead process, or this one's PID
+    reused): another process may be writing OUT now, and older captune's names without a PID are left alone. In a
+    run's folder every leftover is stale, whoever wrote it: checkpoints are recovered only while none is written."""
+    from captune.fileio import check_output_dir
+    from captune.train.state import list_checkpoints
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    live, own = os.getppid(), os.getpid()
+
+    def leftover(folder: Path, name: str, mark: str = "") -> None:
+        (folder / name).mkdir(parents=True)
+        if mark:
+            (folder / name / mark).write_text(mark)
+
+    work = tmp_path / "work"
+    leftover(work, f".out.old-{dead}", "PREVIOUS")  # killed between the renames: the only copy of OUT
+    for name in (f".out.tmp-{live}", f".out.tmp-{own}", f".out.tmp-{dead}-x1y2", ".out.tmp", f".other.tmp-{dead}"):
+        leftover(work, name)
+    with pytest.raises(CaptuneError, match="not empty"):
+        check_output_dir(work / "out")
+    assert (work / "out" / "PREVIOUS").is_file()
+    assert hidden_folders(work) == [f".other.tmp-{dead}", ".out.tmp", f".out.tmp-{live}"]
+
+    run = tmp_path / "run"
+    leftover(run, f".checkpoint-000001.old-{live}", TRAINER_STATE)  # NAME missing: put back
+    leftover(run, "best", TRAINER_STATE)
+    leftover(run, ".best.old", TRAINER_STATE)  # older captune's name; NAME exists: deleted
+    for name in (f".checkpoint-000002.tmp-{live}", ".checkpoint-000003.tmp", f".checkpoint-000004.deleting-{dead}"):
+        leftover(run, name, TRAINER_STATE)
+    assert [s for s, _ in list_checkpoints(run)] == [1]
+    assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoint-000001"]

@@ -1,4 +1,5 @@
-"""Writing results so that nothing is ever half-written: temporary path first, rename when complete."""
+"""Writing results so that nothing is ever half-written: temporary path first, rename when complete (files and
+whole folders, with the crash recovery of folders); reading JSON with clear errors."""
 
 from __future__ import annotations
 
@@ -50,6 +51,23 @@ def read_json(path: str | Path) -> Any:
         raise CaptuneError(f"cannot read: {e}", path) from None
 
 
+# ------------------------------------------------------------------------ folders written aside, renamed when complete
+#
+# One mechanism for every folder captune writes whole (convert, merge and dataset outputs; training checkpoints):
+# `write_dir` writes it as `.NAME.tmp-PID` and renames it NAME when complete, setting an existing NAME aside as
+# `.NAME.old-PID` first; `delete_dir` renames NAME to `.NAME.deleting-PID` before deleting it; `recover_dirs` tidies
+# what a writer killed by a signal (kill -9: no cleanup runs) left. A folder is never half-written or half-deleted
+# under its final name, and a complete one is never lost: at any kill point NAME is the previous folder, the new one,
+# or (between the two renames of a replacement) absent with the previous one whole as `.NAME.old-PID`.
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|deleting)(?:-(?P<pid>\d+)(?:-[^.]*)?)?\Z")
+
+
+def _aside(final: Path, kind: str) -> Path:
+    """`.NAME.KIND-PID` beside `final`: where this process writes (tmp), sets aside (old) or deletes (deleting) it."""
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -60,32 +78,80 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover_output_dir(out: str | Path) -> None:
-    """Tidy what an `atomic_dir` writer of `out` killed by a signal (kill -9: no cleanup runs) left beside `out`.
+def _writer_gone(pid: str | None) -> bool:
+    """Whether the writer of a leftover is gone: a dead process, or this one (its PID reused after a restart;
+    this process recovers before it writes). Without a PID (older captune) the writer cannot be told."""
+    return pid is not None and (int(pid) == os.getpid() or not _alive(int(pid)))
 
-    `.out.old-PID` is the previous `out`, set aside by the first of the two renames that replace it: renamed back
-    when `out` is missing (killed between the renames), deleted when `out` exists (killed after them).
-    `.out.tmp-PID-*` (a half-written or never renamed new `out`) is deleted. Only leftovers of processes that are no
-    longer alive are touched; temporary folders without a PID (older captune) are left alone.
+
+def recover_dirs(parent: str | Path, name: str | None = None, *, writers_gone: bool = False) -> None:
+    """Tidy the leftovers of killed `write_dir` / `delete_dir` calls in `parent` (those of folder `name`, or all).
+
+    `.NAME.old-PID` is a complete NAME set aside to be replaced: renamed back to NAME when NAME is missing (killed
+    between the two renames), deleted when NAME exists (killed after them). `.NAME.tmp-PID` (half-written or never
+    renamed) and `.NAME.deleting-PID` (half-deleted) are deleted. Only leftovers whose writer is gone are touched
+    (`_writer_gone`): another process may be writing NAME now. `writers_gone=True` is for a caller that knows no
+    process writes into `parent` now (a training run's folder; `train.state.recover_checkpoints`): every leftover
+    is stale, those without a PID (older captune's `.NAME.tmp`, `.NAME.old`, `.NAME.deleting`) included. Idempotent,
+    and safe when several processes recover `parent` at once.
     """
-    out = Path(out)
-    if not out.parent.is_dir():
+    parent = Path(parent)
+    if not parent.is_dir():
         return
-    prefix = f".{out.name}."
-    for p in sorted(out.parent.iterdir()):
-        m = re.fullmatch(r"tmp-(\d+)-.*|old-(\d+)", p.name[len(prefix):]) if p.name.startswith(prefix) else None
-        if not m or not p.is_dir() or _alive(int(m.group(1) or m.group(2))):
+    for p in sorted(parent.iterdir()):
+        m = _LEFTOVER.match(p.name)
+        if not m or (name is not None and m["name"] != name) or not p.is_dir():
             continue
-        if m.group(2) and not out.exists():
-            os.replace(p, out)
+        if not (writers_gone or _writer_gone(m["pid"])):
+            continue
+        final = parent / m["name"]
+        if m["kind"] == "old" and not final.exists():
+            with contextlib.suppress(FileNotFoundError):  # another process put it back first
+                os.replace(p, final)
         else:
             shutil.rmtree(p, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def write_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty folder `.NAME.tmp-PID` beside `final`; when the block completes it becomes `final` (an existing
+    `final` is set aside as `.NAME.old-PID` for the rename, then deleted); when the block raises it is deleted.
+
+    Run `recover_dirs` first: a `.NAME.old-*` left by a killed writer may be the only copy of NAME.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _aside(final, "tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this PID
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            old = _aside(final, "old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def delete_dir(path: str | Path) -> None:
+    """Delete a folder, renamed `.NAME.deleting-PID` first: a kill half-way leaves no half-deleted NAME."""
+    path = Path(path)
+    trash = _aside(path, "deleting")
+    shutil.rmtree(trash, ignore_errors=True)  # left by an earlier process with this PID
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def check_output_dir(out: str | Path, force: bool = False) -> Path:
-    """Refuse to overwrite a non-empty folder unless `force` (after `recover_output_dir`)."""
+    """Refuse to overwrite a non-empty folder unless `force` (after `recover_dirs` of its leftovers)."""
     out = Path(out)
-    recover_output_dir(out)
+    recover_dirs(out.parent, out.name)
     if out.exists() and not out.is_dir():
         raise CaptuneError("exists and is not a folder", out)
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -95,24 +161,9 @@ def check_output_dir(out: str | Path, force: bool = False) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on any failure it is removed.
-
-    A process killed half-way leaves only a `.out.tmp-PID-*` folder beside `out`, never a half-written `out`; one
-    killed between the two renames that replace an existing `out` leaves it as `.out.old-PID`. The next writer of
-    `out` tidies both (`recover_output_dir`), which is why the folders carry the writer's PID.
-    """
+    """`write_dir` for a command's output folder: after `check_output_dir` (its leftovers tidied; a non-empty `out`
+    refused unless `force`). A kill leaves `out` absent, the previous one or the new one, never half-written; the
+    next writer of `out` tidies what it left beside it."""
     out = check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
+    with write_dir(out) as tmp:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

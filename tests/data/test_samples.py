@@ -11,27 +11,31 @@ import pytest
 from PIL import Image
 
 from captune.data.check import (
+    check_lengths,
     check_samples,
     data_check_command,
-    format_problems,
-    make_length_fn,
+    tile_counts,
 )
 from captune.data.coco import data_coco_command, write_coco_annotations
 from captune.data.layout import TUTORIAL_JSONL
-from captune.data.samples import (
+from captune.data.lengths import Lengths
+from captune.data.problems import (
     EMPTY_CAPTION,
     MALFORMED_ENTRY,
     MALFORMED_LINE,
     MISSING_IMAGE,
     OVER_LONG,
     TRUNCATED_IMAGE,
+    UNENCODABLE,
     UNREADABLE_IMAGE,
     Problems,
-    Sample,
-    read_training_data,
+    format_problems,
 )
+from captune.data.samples import Sample, read_training_data
+from captune.data.table import SampleTable
 from captune.errors import CaptuneError
-from captune.inputs.processor import DEFAULT_QUESTION
+from captune.inputs.processor import DEFAULT_QUESTION, Processor
+from captune.inputs.templates import get_template
 
 QUESTION = "Describe the image briefly."
 
@@ -317,20 +321,22 @@ def test_check_samples_header_only(coco: Path):
     assert report.problems.counts == {MISSING_IMAGE: 1, UNREADABLE_IMAGE: 1}
 
 
-def test_check_samples_over_long(coco: Path):
-    calls = []
-
-    def length_fn(sample: Sample, num_tiles: int) -> int:
-        calls.append((sample.image.name, num_tiles))
-        return 10 + 256 * num_tiles
-
-    report = check_samples(mixed_samples(coco), decode_images=True, length_fn=length_fn, max_seq_length=1000,
-                           progress=False)
-    assert [s.caption for s in report.samples] == ["a1", "a2"]
-    assert report.problems.counts[OVER_LONG] == 2
-    assert "1034 tokens > max_seq_length 1000" in report.problems.examples[OVER_LONG][0]
+def test_lengths_over_the_limit_are_dropped(coco: Path):
+    """Tile counts use the processor's geometry; samples over max_seq_length or unencodable are counted, not kept."""
+    report = check_samples(mixed_samples(coco), decode_images=True, progress=False)
+    table = SampleTable.of(report.samples)
+    tiles = tile_counts(table, report.sizes, Processor(None, get_template("internlm2-chat")), max_tiles=6)
     # b.jpg is 1344 x 448: a 3 x 1 grid plus the thumbnail; a.jpg is one tile.
-    assert sorted(set(calls)) == [("a.jpg", 1), ("b.jpg", 4)]
+    assert tiles.tolist() == [1, 4, 1, 4]
+    assert tile_counts(table, report.sizes, Processor(None, get_template("internlm2-chat"), thumbnail=False),
+                       max_tiles=6).tolist() == [1, 3, 1, 3]
+    zeros = np.zeros(len(table), np.int64)
+    lengths = Lengths(10 + 256 * tiles, zeros, zeros, {2: "too strange"}, True)
+    problems = Problems()
+    assert check_lengths(table, lengths, 1000, problems).tolist() == [0]
+    assert problems.counts == {UNENCODABLE: 1, OVER_LONG: 2}
+    assert "1034 tokens > max_seq_length 1000" in problems.examples[OVER_LONG][0]
+    assert problems.examples[UNENCODABLE] == [f"{coco / 'train2014' / 'a.jpg'}: too strange"]
 
 
 def test_check_samples_workers_agree(coco: Path):
@@ -418,26 +424,12 @@ def test_data_check_command(coco: Path, capsys):
         "{oops",
         internvl_line(3, "train2014/b.jpg", "A dog."),
     ])
-    assert data_check_command(coco, workers=0) == 2
+    assert data_check_command(coco, num_workers=0) == 2
     out = capsys.readouterr().out
     assert "3 samples read" in out
     assert f"1 malformed line (e.g. {jsonl}:3: not valid JSON" in out
     assert "1 truncated image" in out
     assert "2 samples OK" in out
-
-
-def test_make_length_fn_counts_image_tokens_once_each():
-    seen = []
-
-    def fake_encode(tokenizer, conversations, num_image_tokens, template):
-        seen.append((tokenizer, num_image_tokens, template))
-        words = sum(len(turn["value"].split()) for turn in conversations)
-        return {"input_ids": list(range(words + num_image_tokens)), "labels": []}
-
-    sample = Sample(Path("/x.jpg"), ({"from": "human", "value": "<image>\nq w"}, {"from": "gpt", "value": "a b c"}))
-    length = make_length_fn("TOK", "internlm2-chat", fake_encode, tokens_per_tile=256)
-    assert length(sample, 7) == 6 + 7 * 256  # 6 words + 1 image token, less 1
-    assert seen == [("TOK", 1, "internlm2-chat")]
 
 
 def test_data_check_measures_lengths_with_the_models_geometry(tmp_path, capsys):
@@ -447,7 +439,7 @@ def test_data_check_measures_lengths_with_the_models_geometry(tmp_path, capsys):
     from captune.demo.demo import base_model_path
 
     make_synthetic_dataset(tmp_path / "data", train=4, test=1, seed=0, image_size=(448, 224))
-    problems = data_check_command(tmp_path / "data", model=base_model_path(), max_seq_length=512, workers=0)
+    problems = data_check_command(tmp_path / "data", model=base_model_path(), max_seq_length=512, num_workers=0)
     assert problems == 0, capsys.readouterr().out
 
 

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import copy
-
 from captune.demo.bench import bench_eval, bench_train, internvl2_2b_config
-
-
-def tiny_config() -> dict:
-    cfg = copy.deepcopy(internvl2_2b_config())
-    cfg["llm_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=1024)
-    cfg["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    return cfg
 
 
 def test_bench_eval_runs(tmp_path):
     r = bench_eval(images=4, baseline_images=2, batch_sizes=(2,), workers=0, tokens=3, device="cpu",
-                   out=str(tmp_path), model_config=tiny_config())
+                   out=str(tmp_path), model_config=internvl2_2b_config(tiny=True))
     assert r["tiles_per_image"] == 7
     assert r["a_one_at_a_time"]["images_per_s"] > 0 and r["b_captune_batch2"]["images_per_s"] > 0
     assert (tmp_path / "bench_eval.json").is_file()
 
 
 def test_bench_train_runs(tmp_path):
-    r = bench_train(steps=1, warmup=0, budgets=(4000,), device="cpu", out=str(tmp_path), model_config=tiny_config())
+    r = bench_train(steps=1, warmup=0, budgets=(4000,), device="cpu", out=str(tmp_path),
+                    model_config=internvl2_2b_config(tiny=True))
     v = r["variants"]
     assert v["a_tutorial"]["captions_per_microbatch"] == 4
     assert v["b_eager"]["captions_per_microbatch"] == 10  # two images, five captions each

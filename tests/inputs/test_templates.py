@@ -71,6 +71,16 @@ def test_train_ids_and_labels_match_original(tok, ref, case):
     assert sample["conversations"] == original  # the caller's data is not modified
 
 
+@pytest.mark.parametrize("template", ["internlm2-chat", "Hermes-2", "phi3-chat", "internvl2_5"])
+def test_train_image_tokens_expanded_after_tokenizing_equal_tokenized_ones(tok, ref, template):
+    """The quick way (one image token tokenized, its id repeated) gives what tokenizing every image token gives
+    (forced by a max_length equal to the sample's length: nothing is cut, but the quick way steps aside)."""
+    for sample in ref["train"]:
+        quick = encode_conversation(tok, sample["conversations"], 256, template)
+        full = encode_conversation(tok, sample["conversations"], 256, template, max_length=len(quick["input_ids"]))
+        assert quick == full
+
+
 def test_train_image_placeholder_is_added_when_missing(tok, ref):
     sample = ref["train"][0]
     conversations = copy.deepcopy(sample["conversations"])

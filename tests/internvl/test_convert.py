@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 import torch
+from helpers.tiny import all_tensors, assert_bit_identical, write_original_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny import all_tensors, assert_bit_identical, write_original_checkpoint
 
 import captune
 from captune.cli import main

@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 import torch
+from helpers.tiny import reference_image_features, write_original_checkpoint
 from safetensors.torch import load_file
-from tiny import internvl_config, reference_image_features, write_original_checkpoint
 
 import captune
+from captune.demo.tinymodel import internvl_config
 from captune.errors import CaptuneError
 
 # Made by the original InternVL code: InternLM2 (2B/8B/26B), Qwen2 (1B), and Phi-3 with LongRoPE (4B), its prompt

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-from tiny import (
+from helpers.tiny import (
     IMAGE_TOKEN_ID,
     all_tensors,
     assert_bit_identical,
     write_original_checkpoint,
 )
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import captune
 from captune.errors import CaptuneError

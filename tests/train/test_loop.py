@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_captions import write_tiny_captions
+from helpers.tiny_captions import write_tiny_captions
 
 import captune
 from captune.cli import main
@@ -290,17 +290,20 @@ def test_fsdp2_resume_gives_the_same_loss_curve(tiny_data, tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients_without_a_vision_backward(tiny_data, tmp_path):
     """Checkpointing changes memory, not the result; and it must not make autograd run the frozen vision tower
     backward (transformers' input hooks would, even after checkpointing is turned off again)."""
-    import packed_setup as tp
+    from helpers import packed_setup as tp
 
+    from captune.data.table import SampleTable
+    from captune.train.collate import collate_shared
+    from captune.train.dataset import CaptionDataset, group_samples
     from captune.train.loss import enable_gradient_checkpointing
-    from captune.train.packing import GroupDataset, collate_shared, group_samples
 
     samples, processor, peft = tp.build_setup(tmp_path)
     for name, p in peft.named_parameters():
         if "vision_tower" in name:
             p.requires_grad_(False)  # the recipe: LoRA on the LLM only
-    groups = group_samples(samples, share=True)
-    batch = collate_shared([GroupDataset(samples, groups, processor, 6, 4096)[g] for g in range(len(groups))],
+    table = SampleTable.of(samples)
+    groups = group_samples(table, share=True)
+    batch = collate_shared([CaptionDataset(table, groups, processor, 6, 4096)[g] for g in range(len(groups))],
                            processor.pad_token_id, 4096)
     net = peft.base_model.model
     vision_grad = []

@@ -1,8 +1,8 @@
 """The training data path of `captune train` against the original trainer's samples (fixtures).
 
-What is under test is the path `train()` takes, piece by piece: `load_training_samples` (read + check), the model's
-processor (its template read from the model's config.json), `group_samples` / `should_share`, the dataset
-(`GroupDataset` with shared prefixes, `CaptionTrainDataset` without), `Collate`, and `CaptionLoss`. The data are
+What is under test is the path `train()` takes, piece by piece: `load_training_data` (read, check, group, measure),
+the model's processor (its template read from the model's config.json), the dataset (`CaptionDataset`: image groups
+with shared prefixes, one caption each without), `Collate`, and `CaptionLoss`. The data are
 the fixtures' conversations; the image is one that InternVL2's tiling cuts into 7 tiles at max 6 (6 + thumbnail),
 as the fixtures' 1,792 image tokens (7 x 256).
 
@@ -29,15 +29,15 @@ import captune
 from captune.inputs.templates import IGNORE_INDEX
 from captune.internvl.lora import add_lora, init_lora_weights
 from captune.train import config as cfg
-from captune.train.batching import CaptionTrainDataset, TrainBatch, shift_labels
-from captune.train.loop import Collate, load_training_samples
-from captune.train.loss import CaptionLoss
-from captune.train.packing import (
-    GroupDataset,
+from captune.train.collate import (
+    Collate,
     PrefixSharing,
-    group_samples,
-    should_share,
+    TrainBatch,
+    shift_labels,
+    split_prefix,
 )
+from captune.train.dataset import CaptionDataset, load_training_data
+from captune.train.loss import CaptionLoss
 from captune.train.parallel import trainable_to_float32
 from captune.train.runlog import RunLog
 
@@ -85,16 +85,21 @@ def model_with_template(fixtures: Path, folder: Path, template: str) -> Path:
 
 
 def training_items_and_batch(config: cfg.TrainConfig, processor, out: Path):
-    """What train() builds from `config`: samples, the dataset's items (in dataset order) and one collated batch."""
-    samples = load_training_samples(config, processor, RunLog(out, enabled=False))
-    shared = should_share(samples, config.share_prefix)
-    groups = group_samples(samples, shared)
-    dataset = (GroupDataset(samples, groups, processor, config.max_tiles, config.max_seq_length) if shared
-               else CaptionTrainDataset(samples, processor, config.max_tiles, config.max_seq_length))
+    """What train() builds from `config`: samples, the dataset's items (in dataset order) and one collated batch.
+
+    On the way it checks that the schedule's length of every group is the length collation gives it."""
+    data = load_training_data(config, processor, RunLog(out, enabled=False))
+    dataset = CaptionDataset(data.table, data.groups, processor, config.max_tiles, config.max_seq_length)
     items = [dataset[i] for i in range(len(dataset))]
-    batch, errors = Collate(processor.pad_token_id, shared, config.token_budget, static=False)(items)
+    if data.shared:
+        collated = [split_prefix(it["encodings"]) for it in items]
+        assert data.lengths.tolist() == [g.length if g else 0 for g in collated]
+    else:
+        assert data.lengths.tolist() == [len(it["encodings"][0]["input_ids"]) for it in items]
+    batch, errors = Collate(processor.pad_token_id, data.shared, config.token_budget, static=False)(items)
     assert errors == []
-    return samples, shared, items, batch.to(torch.device("cpu"), torch.float32)
+    samples = [data.table[i] for i in range(len(data.table))]
+    return samples, data.shared, items, batch.to(torch.device("cpu"), torch.float32)
 
 
 def captions_of(batch: TrainBatch) -> list[dict[str, list[int]]]:
@@ -129,9 +134,9 @@ def assert_matches_original(shared: bool, items: list[dict], batch: TrainBatch, 
     assert batch.pixel_values.shape[0] == 7 * len(items)
     if shared:
         assert len(items) == 1  # one image, one question: one group holding every caption
-        encodings = items[0]["encodings"]
     else:
-        encodings = items
+        assert all(len(it["encodings"]) == 1 for it in items)
+    encodings = [e for it in items for e in it["encodings"]]
     # what the dataset tokenized, before collation: the original's sample, exactly
     assert [e["input_ids"] for e in encodings] == [e["input_ids"] for e in expected]
     assert [e["labels"] for e in encodings] == [e["labels"] for e in expected]

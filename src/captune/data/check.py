@@ -8,57 +8,43 @@ import json
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from PIL import Image
+import numpy as np
 from tqdm import tqdm
 
-from captune.data.samples import (
-    MISSING_IMAGE,
+from captune.data.images import inspect_image
+from captune.data.lengths import Lengths, caption_tokens, measure
+from captune.data.problems import (
     OVER_LONG,
-    TRUNCATED_IMAGE,
     UNENCODABLE,
-    UNREADABLE_IMAGE,
     Problems,
-    Sample,
-    read_training_data,
+    format_problems,
 )
-from captune.errors import CaptuneError
+from captune.data.samples import Sample, read_training_data
+from captune.data.table import SampleTable
 from captune.fileio import write_json_atomic
-from captune.inputs.tiling import count_tiles, load_image
 
 
 @dataclass
 class CheckReport:
     samples: list[Sample]
     problems: Problems
-
-
-LengthFn = Callable[[Sample, int], int]
+    sizes: dict[Path, tuple[int, int]]  # (width, height) of every readable image
 
 
 def check_samples(
     samples: Sequence[Sample],
     decode_images: bool,
-    length_fn: LengthFn | None = None,
-    max_seq_length: int = 4096,
-    max_tiles: int = 6,
-    tile_size: int = 448,
-    thumbnail: bool = True,
-    min_tiles: int = 1,
     workers: int = 0,
     progress: bool = True,
     cache: Path | None = None,
 ) -> CheckReport:
-    """Keep the samples whose image is readable (and, given `length_fn(sample, num_tiles)`, not over-long).
-
-    The tile geometry (`max_tiles`, `tile_size`, `thumbnail`, `min_tiles`) is the processor's, so that a sample's
-    tile count is the one training will use.
+    """Keep the samples whose image is readable, and say how large each image is.
 
     Each distinct image is opened once: fully decoded with `decode_images` (finds truncated files), else only its
     header (fast, for the start of training). `workers` > 0 spreads the images over a process pool. With `cache` (a
@@ -77,37 +63,46 @@ def check_samples(
     if cache is not None and todo:
         _write_cache(cache, decode_images, {str(image): (stats[image], results[image]) for image in images})
     problems = Problems()
+    sizes = {}
     for image in images:
-        kind, reason, _ = results[image]
+        kind, reason, size = results[image]
         if kind:
             problems.add(kind, f"{image}: {reason}")
-    kept = []
-    bar = tqdm(samples, desc="checking lengths", unit="sample", disable=not progress or length_fn is None)
-    for sample in bar:
-        kind, _, size = results[sample.image]
-        if kind:
-            continue
-        if length_fn is not None and not _short_enough(sample, size, length_fn, max_seq_length,
-                                                       (max_tiles, tile_size, thumbnail, min_tiles), problems):
-            continue
-        kept.append(sample)
-    return CheckReport(kept, problems)
+        else:
+            sizes[image] = tuple(size)
+    return CheckReport([s for s in samples if s.image in sizes], problems, sizes)
 
 
-def _short_enough(sample: Sample, size: tuple[int, int], length_fn: LengthFn, max_seq_length: int,
-                  geometry: tuple[int, int, bool, int], problems: Problems) -> bool:
-    max_tiles, tile_size, thumbnail, min_tiles = geometry
-    num_tiles = count_tiles(size[0], size[1], max_tiles=max_tiles, tile_size=tile_size, thumbnail=thumbnail,
-                            min_tiles=min_tiles)
-    try:
-        length = length_fn(sample, num_tiles)
-    except CaptuneError as e:
-        problems.add(UNENCODABLE, f"{sample.image}: {e}")
-        return False
-    if length > max_seq_length:
-        problems.add(OVER_LONG, f"{sample.image}: {length} tokens > max_seq_length {max_seq_length}")
-        return False
-    return True
+def tile_counts(table: SampleTable, sizes: dict[Path, tuple[int, int]], processor, max_tiles: int) -> np.ndarray:
+    """[N] the tile count of each sample's image (the processor's geometry: tile size, thumbnail, minimum); 0 for
+    an image without a size (unreadable)."""
+    by_path = {str(path): size for path, size in sizes.items()}
+    by_size: dict[tuple[int, int], int] = {}
+    per_image = np.zeros(len(table.images), np.int64)
+    for j, path in enumerate(table.images):
+        size = by_path.get(path)
+        if size is None:
+            continue
+        if size not in by_size:
+            by_size[size] = processor.tiles_for_size(*size, max_tiles=max_tiles)
+        per_image[j] = by_size[size]
+    return per_image[table.image_of]
+
+
+def check_lengths(table: SampleTable, lengths: Lengths, max_seq_length: int, problems: Problems,
+                  among: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the samples (`among` these, else all) that can be encoded and fit in `max_seq_length`; the
+    others counted in `problems`."""
+    bad = np.ones(len(table), bool)
+    bad[np.arange(len(table)) if among is None else among] = False
+    for i, reason in lengths.unencodable.items():
+        if not bad[i]:
+            problems.add(UNENCODABLE, f"{table.image(i)}: {reason}")
+            bad[i] = True
+    for i in np.flatnonzero(~bad & (lengths.total > max_seq_length)).tolist():
+        problems.add(OVER_LONG, f"{table.image(i)}: {lengths.total[i]} tokens > max_seq_length {max_seq_length}")
+        bad[i] = True
+    return np.flatnonzero(~bad)
 
 
 def _stat(path: Path) -> list[int] | None:
@@ -134,7 +129,7 @@ def _write_cache(cache: Path, decode: bool, entries: dict[str, tuple]) -> None:
 
 
 def _inspect_images(images: list[Path], decode: bool, workers: int, progress: bool) -> dict[Path, tuple]:
-    inspect = functools.partial(_inspect_image, decode=decode)
+    inspect = functools.partial(inspect_image, decode=decode)
     bar = functools.partial(tqdm, total=len(images), desc="checking images", unit="image", disable=not progress)
     if workers > 0 and len(images) > 1:
         chunksize = max(1, min(256, len(images) // (workers * 8)))
@@ -149,56 +144,8 @@ def _inspect_images(images: list[Path], decode: bool, workers: int, progress: bo
     return dict(zip(images, bar(map(inspect, images)), strict=True))
 
 
-def _inspect_image(path: Path, decode: bool) -> tuple[str | None, str, tuple[int, int] | None]:
-    """(problem kind or None, reason, (width, height)) of one image file."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's EXIF and decompression-bomb warnings, once per image
-        if decode:
-            try:
-                return None, "", load_image(path).size
-            except CaptuneError as e:
-                reason = str(e).removeprefix(f"{e.path}: ")
-                kind = {"image not found": MISSING_IMAGE, "truncated image": TRUNCATED_IMAGE}.get(reason)
-                return kind or UNREADABLE_IMAGE, reason, None
-        try:
-            with Image.open(path) as image:
-                return None, "", image.size
-        except FileNotFoundError:
-            return MISSING_IMAGE, "image not found", None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            return UNREADABLE_IMAGE, f"cannot read image header: {e}", None
-
-
-def format_problems(problems: Problems) -> str:
-    """One line: "3 malformed lines (e.g. a; b; c), 2 missing images (e.g. ...)"."""
-    if not problems.total:
-        return "no problems"
-    return ", ".join(f"{count} {_plural(kind, count)} (e.g. {'; '.join(problems.examples.get(kind, []))})"
-                     for kind, count in problems.counts.items())
-
-
-def _plural(kind: str, count: int) -> str:
-    if count == 1:
-        return kind
-    return kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
-
-
-def make_length_fn(tokenizer: Any, template: Any, encode: Callable[..., dict],
-                   tokens_per_tile: int) -> LengthFn:
-    """length_fn(sample, num_tiles): the sample's token count as InternVL's trainer builds it, via `encode`
-    (templates.encode_conversation)."""
-
-    def length(sample: Sample, num_tiles: int) -> int:
-        # Encoded with one image token, then counted up: <IMG_CONTEXT> is a special token, one id per occurrence,
-        # and tokenizing 1,792 of them for each of 566k captions would be slow.
-        ids = encode(tokenizer, list(sample.conversations), 1, template)["input_ids"]
-        return len(ids) - 1 + num_tiles * tokens_per_tile
-
-    return length
-
-
 def data_check_command(data: str | Path, model: str | Path | None = None, max_tiles: int = 6,
-                       max_seq_length: int = 4096, workers: int | None = None,
+                       max_seq_length: int = 4096, num_workers: int | None = None,
                        image_root: str | Path | None = None) -> int:
     """`captune data check`: read the data, decode every image, check lengths with a model's tokenizer; print a
     summary and return the number of problems."""
@@ -206,26 +153,29 @@ def data_check_command(data: str | Path, model: str | Path | None = None, max_ti
     for note in report.notes:
         print(f"note: {note}")
     print(f"{len(report.samples)} samples read from {data}")
-    length_fn = None
-    geometry = {"max_tiles": max_tiles}
-    if model is not None:  # lengths as the model will see them: its template, tile size and tokens per tile
-        from captune.inputs.templates import encode_conversation
-        from captune.internvl.folder import open_checkpoint
-        from captune.internvl.load import processor_for
-        from captune.internvl.tokenizer import load_tokenizer
+    workers = min(os.cpu_count() or 1, 32) if num_workers is None else num_workers
+    processor = table = counted = None
+    with ThreadPoolExecutor(1) as background:
+        images = background.submit(check_samples, report.samples, decode_images=True,
+                                   workers=workers if workers > 1 else 0)
+        if model is not None:  # meanwhile, the captions' tokens with the model's tokenizer (no image needed)
+            from captune.internvl.folder import open_checkpoint
+            from captune.internvl.load import processor_for
+            from captune.internvl.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(model)
-        processor = processor_for(open_checkpoint(model), tokenizer)
-        length_fn = make_length_fn(tokenizer, processor.template, encode_conversation, processor.tokens_per_tile)
-        geometry.update(tile_size=processor.tile_size, thumbnail=processor.thumbnail, min_tiles=processor.min_tiles)
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 32)
-    checked = check_samples(report.samples, decode_images=True, length_fn=length_fn, max_seq_length=max_seq_length,
-                            workers=workers if workers > 1 else 0, **geometry)
+            processor = processor_for(open_checkpoint(model), load_tokenizer(model))
+            table = SampleTable.of(report.samples)
+            counted = caption_tokens(table, processor)
+        checked = images.result()
     problems = Problems()
     problems.update(report.problems)
     problems.update(checked.problems)
+    kept = len(checked.samples)
+    if model is not None:  # lengths as the model will see them: its template, tile size and tokens per tile
+        tiles = tile_counts(table, checked.sizes, processor, max_tiles)
+        lengths = measure(table, np.maximum(tiles, 1), processor, counted=counted)
+        kept = len(check_lengths(table, lengths, max_seq_length, problems, among=np.flatnonzero(tiles)))
     if problems.total:
         print(format_problems(problems))
-    print(f"{len(checked.samples)} samples OK")
+    print(f"{kept} samples OK")
     return problems.total

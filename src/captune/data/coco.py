@@ -15,9 +15,9 @@ from captune.data.layout import (
     TUTORIAL_TEST,
     TUTORIAL_TEST_GT,
 )
+from captune.data.problems import SkipRecord
 from captune.data.samples import (
     TRAIN_SPLITS,
-    SkipRecord,
     caption_conversation,
     is_karpathy,
     karpathy_image_path,
@@ -118,7 +118,7 @@ def _warn_missing(listed: list[str], images_dir: Path, source: Path) -> None:
 
 
 def data_coco_command(karpathy: str | Path, images: str | Path, out: str | Path) -> None:
-    """`captune data coco --karpathy dataset_coco.json --images DIR --out DIR`."""
+    """`captune data coco --karpathy dataset_coco.json --image-root DIR --out DIR`."""
     paths = write_coco_annotations(karpathy, images, out)
     length = read_json(paths["meta"])[Path(TUTORIAL_JSONL).stem]["length"]
     print(f"wrote {paths['train']} ({length} training captions)")

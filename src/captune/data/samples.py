@@ -1,15 +1,10 @@
-"""Caption training data: read it in any of the usual COCO forms, check it before training, write the tutorial's files.
+"""Caption training data: read it in any of the usual COCO forms.
 
 InternVL's COCO Caption tutorial trains from `coco_karpathy_train_567k.jsonl` (one conversation per caption), listed
 in a meta file like shell/data/coco_caption.json. People arrive with that, with COCO's own `captions_train2014.json`,
 with Karpathy's `dataset_coco.json` or with a plain `{"image", "caption"}` jsonl. `read_training_data` turns each of
 them into one list of `Sample`s (absolute image paths, InternVL conversations); a bad line is counted and skipped
-rather than stopping a run hours in.
-
-`check_samples` looks at every image once (COCO has five captions per image) before training starts, so a missing
-or truncated file is reported up front, by name, instead of crashing a data-loader worker mid-epoch; given a length
-function it also drops samples longer than `max_seq_length`. `write_coco_annotations` builds the tutorial's
-annotation files from Karpathy's split (`captune data coco`), and `data_check_command` is `captune data check`.
+rather than stopping a run hours in (`problems.py`); `check.py` then looks at every image and length.
 """
 
 from __future__ import annotations
@@ -25,6 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from captune.data.layout import TUTORIAL_JSONL
+from captune.data.problems import (
+    EMPTY_CAPTION,
+    MALFORMED_ENTRY,
+    MALFORMED_LINE,
+    Problems,
+    SkipRecord,
+)
 from captune.errors import CaptuneError
 from captune.fileio import read_json
 from captune.inputs.processor import DEFAULT_QUESTION
@@ -32,17 +34,6 @@ from captune.inputs.processor import DEFAULT_QUESTION
 IMAGE_PLACEHOLDER = "<image>"
 TRAIN_SPLITS = ("train", "restval")
 
-# Problem kinds (singular; format_problems pluralises them).
-MALFORMED_LINE = "malformed line"
-MALFORMED_ENTRY = "malformed entry"
-EMPTY_CAPTION = "empty caption"
-MISSING_IMAGE = "missing image"
-UNREADABLE_IMAGE = "unreadable image"
-TRUNCATED_IMAGE = "truncated image"
-OVER_LONG = "over-long sample"
-UNENCODABLE = "unencodable sample"
-
-_EXAMPLES_PER_KIND = 3
 _META_MAX_BYTES = 1_000_000  # meta files are tiny; don't parse a 140 MB dataset_coco.json to find out it isn't one
 
 
@@ -64,42 +55,10 @@ class Sample:
 
 
 @dataclass
-class Problems:
-    """Problems counted by kind, with the first few examples of each ("file:line: reason")."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, kind: str, example: str) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        kept = self.examples.setdefault(kind, [])
-        if len(kept) < _EXAMPLES_PER_KIND:
-            kept.append(example)
-
-    def update(self, other: Problems) -> None:
-        for kind, count in other.counts.items():
-            self.counts[kind] = self.counts.get(kind, 0) + count
-            kept = self.examples.setdefault(kind, [])
-            kept.extend(other.examples.get(kind, [])[: _EXAMPLES_PER_KIND - len(kept)])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-@dataclass
 class DataReport:
     samples: list[Sample]
     problems: Problems
     notes: list[str] = field(default_factory=list)  # guesses worth telling the user (image root not found...)
-
-
-class SkipRecord(Exception):
-    """A record that is not a usable sample: counted as a problem of `kind`, never fatal."""
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -434,9 +393,3 @@ def _repeat(samples: list[Sample], repeat_time: Any, name: str, path: Path) -> l
     if repeat_time != int(repeat_time):
         raise CaptuneError(f"dataset {name!r}: repeat_time above 1 must be a whole number, not {repeat_time}", path)
     return samples * int(repeat_time)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Commands
-
-

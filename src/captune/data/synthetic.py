@@ -354,7 +354,7 @@ def write_style_jsonl(out_jsonl: str | Path, images_dir: str | Path, n: int, see
 
 def data_synthetic_command(out: str | Path, train: int = 400, test: int = 100, seed: int = 0, style: int = 0,
                            image_size: int = 448, force: bool = False) -> None:
-    """`captune data synthetic OUT [--train N] [--test M] [--seed S] [--style K] [--image-size PX] [--force]`."""
+    """`captune data synthetic OUT [--train-images N] [--test-images M] [--seed S] [--style K] [--image-size PX] [--force]`."""
     info = make_synthetic_dataset(out, train=train, test=test, seed=seed, image_size=(image_size, image_size),
                                   style=style, force=force)
     print(f"wrote {info['train']} ({info['train_images']} images, {info['train_captions']} training captions)")

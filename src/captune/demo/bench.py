@@ -18,28 +18,26 @@ from pathlib import Path
 
 import torch
 
+from captune.demo.tinymodel import (
+    build_compact_tokenizer,
+    internvl_config,
+    tokenizer_corpus,
+)
 
-def internvl2_2b_config() -> dict:
-    """The config.json of the OpenGVLab/InternVL2-2B release (the fields the model reads)."""
-    return {
-        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internlm2-chat",
-        "downsample_ratio": 0.5, "dynamic_image_size": True, "force_image_size": 448, "max_dynamic_patch": 12,
-        "min_dynamic_patch": 1, "use_thumbnail": True, "ps_version": "v2", "select_layer": -1,
-        "torch_dtype": "bfloat16",
-        "llm_config": {
-            "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": 92553,
-            "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 16,
-            "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
-            "rope_theta": 1000000, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bias": False,
-            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-        },
-        "vision_config": {
-            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 1024,
-            "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "num_channels": 3,
-            "image_size": 448, "patch_size": 14, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
-            "norm_type": "layer_norm", "qkv_bias": True, "qk_normalization": False, "initializer_factor": 0.1,
-        },
-    }
+
+def internvl2_2b_config(tiny: bool = False) -> dict:
+    """The config.json of the OpenGVLab/InternVL2-2B release (the fields the model reads); `tiny`: the same with
+    tiny layers and vocabulary, to run the benchmarks end to end on a CPU."""
+    if tiny:
+        return internvl_config(torch_dtype="bfloat16", llm={"max_position_embeddings": 32768},
+                               vit={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2})
+    return internvl_config(
+        torch_dtype="bfloat16",
+        llm={"vocab_size": 92553, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+             "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 32768},
+        vit={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+    )
 
 
 def random_model(device: torch.device, dtype: torch.dtype, image_token_id: int, attn_implementation: str = "sdpa",
@@ -78,8 +76,6 @@ def bench_processor(tokenizer_dir: str | Path | None):
 
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
-        from captune.demo.tinymodel import build_compact_tokenizer, tokenizer_corpus
-
         tokenizer = build_compact_tokenizer(tokenizer_corpus(CAPTION_WORDS, [DEFAULT_QUESTION]), vocab_size=1000)
     return Processor(tokenizer=tokenizer, template=get_template("internlm2-chat"), tile_size=448, max_tiles=12,
                      thumbnail=True, tokens_per_tile=256)
@@ -273,7 +269,7 @@ def _profile(loss_module, optimizer, batches, device, path: Path) -> None:
 
 def _attended_pairs(batch) -> int:
     """(query, key) pairs the attention computes: causal rows, or block-diagonal groups with caption branches."""
-    from captune.train.packing import PrefixSharing
+    from captune.train.collate import PrefixSharing
 
     if not isinstance(batch.attention_mask, PrefixSharing):
         t = batch.input_ids.shape[1]
@@ -302,9 +298,8 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
     FlexAttention, logits only where there is a loss, LLM and vision tower compiled; and the steps on the way
     (eager, with PEFT's float32 input casts, with checkpointing). Same GPU, same run."""
     from captune.devices import resolve_device
-    from captune.train.batching import collate_separate
+    from captune.train.collate import collate_separate, collate_shared
     from captune.train.loss import CaptionLoss, enable_gradient_checkpointing
-    from captune.train.packing import collate_shared
 
     dev = resolve_device(device)
     processor = bench_processor(tokenizer)
@@ -351,8 +346,8 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
         print(name, json.dumps(result["variants"][name]), flush=True)
 
     # (a) the tutorial: 4 captions per micro-batch, each with its image, checkpointing, full logits, SDPA
-    items = [{"input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels[s["image_index"]]}
-             for s in samples]
+    items = [{"encodings": [{"input_ids": s["input_ids"], "labels": s["labels"]}],
+              "pixel_values": pixels[s["image_index"]]} for s in samples]
     separate = [collate_separate(items[i : i + batch_size], processor.pad_token_id)
                 for i in range(0, 4 * batch_size, batch_size)]
     peft.base_model.model.model.language_model.set_attn_implementation("sdpa")

@@ -61,10 +61,12 @@ class Processor:
 
     def num_tiles(self, path: str | Path, max_tiles: int | None = None) -> int:
         """The tile count of an image file from its header alone (no decoding); raises if it cannot be read."""
-        from PIL import Image
-
         with Image.open(path) as im:
-            return count_tiles(*im.size, **self._tiling(max_tiles))
+            return self.tiles_for_size(*im.size, max_tiles=max_tiles)
+
+    def tiles_for_size(self, width: int, height: int, max_tiles: int | None = None) -> int:
+        """The tile count of a `width` x `height` image (the thumbnail included), as `tile` makes them."""
+        return count_tiles(width, height, **self._tiling(max_tiles))
 
     def prompt_ids(self, question: str, num_tiles: int) -> list[int]:
         key = (question, num_tiles)

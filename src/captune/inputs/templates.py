@@ -120,6 +120,13 @@ def encode_conversation(tokenizer: Any, conversations: list[dict[str, str]], num
     the other templates keep them verbatim; for the three single-string templates, a sample whose piecewise token
     count disagrees with its real length gets no loss at all (labels all -100).
     """
+    if num_image_tokens > 1:
+        # <IMG_CONTEXT> is a special token: the text splits around it and each occurrence is one id, so the sample
+        # with one image token, that id repeated, is the sample with all of them (tokenizing 1,792 of them per
+        # caption is most of a data-loader worker's time). Truncation near the image keeps the slow path.
+        one = encode_conversation(tokenizer, conversations, 1, template)
+        if max_length is None or len(one["input_ids"]) - 1 + num_image_tokens < max_length:
+            return _expand_image(one, token_id(tokenizer, IMG_CONTEXT), num_image_tokens)
     t = get_template(template)
     system_message, messages = _split_conversation(conversations, t.strip_messages)
     if num_image_tokens > 0 and IMAGE_PLACEHOLDER not in messages[0]:
@@ -138,6 +145,25 @@ def encode_conversation(tokenizer: Any, conversations: list[dict[str, str]], num
     if expand and input_ids.count(token_id(tokenizer, IMG_END)) != 1:
         raise CaptuneError(f"image tokens are truncated: the sample is longer than max_length={max_length}")
     return {"input_ids": input_ids, "labels": labels}
+
+
+def supervised_span(labels: list[int]) -> tuple[int, int] | None:
+    """(first, last) index of the supervised labels, None when no label is supervised."""
+    first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), None)
+    if first is None:
+        return None
+    last = len(labels) - 1
+    while labels[last] == IGNORE_INDEX:
+        last -= 1
+    return first, last
+
+
+def _expand_image(encoded: dict[str, list[int]], context_id: int, num_image_tokens: int) -> dict[str, list[int]]:
+    """A sample encoded with one image token, with `num_image_tokens` of them (no loss on any)."""
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    at = ids.index(context_id)
+    return {"input_ids": ids[:at] + [context_id] * num_image_tokens + ids[at + 1 :],
+            "labels": labels[:at] + [IGNORE_INDEX] * num_image_tokens + labels[at + 1 :]}
 
 
 def _split_conversation(conversations: list[dict[str, str]], strip: bool) -> tuple[str | None, list[str]]:

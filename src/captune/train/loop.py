@@ -11,6 +11,7 @@ how the captions are split into micro-batches.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from contextlib import nullcontext
@@ -19,86 +20,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from captune import distributed
 from captune.errors import CaptuneError
 from captune.train import config as cfg
-from captune.train.batching import (
-    CaptionTrainDataset,
-    Schedule,
-    TrainBatch,
-    collate_separate,
-)
+from captune.train.collate import Collate, TrainBatch
+from captune.train.dataset import CaptionDataset, iter_batches, load_training_data
 from captune.train.loss import (
     CaptionLoss,
     compile_model,
     enable_gradient_checkpointing,
     should_compile,
 )
-from captune.train.packing import (
-    GroupDataset,
-    collate_shared,
-    group_samples,
-    should_share,
-)
 from captune.train.parallel import load_shards, trainable_to_float32, wrap_for_processes
 from captune.train.runlog import RunLog
 from captune.train.saving import restore_checkpoint, restore_rng, save_checkpoint
-from captune.train.state import (
-    latest_checkpoint,
-)
-
-
-class Collate:
-    def __init__(self, pad_token_id: int, shared: bool, token_budget: int, static: bool):
-        self.pad_token_id, self.shared, self.token_budget, self.static = pad_token_id, shared, token_budget, static
-
-    def __call__(self, items):
-        errors = [it for it in items if "error" in it]
-        if self.shared:
-            return collate_shared(items, self.pad_token_id, self.token_budget, pad_to_budget=self.static), errors
-        return collate_separate(items, self.pad_token_id), errors
-
-
-PROMPT_TOKENS = 60  # system message, question and role tokens around the image (InternLM2 tokenizer)
-
-
-def _unit_lengths(samples, groups, processor, max_tiles: int) -> list[int]:
-    """Approximate tokens of each unit, for grouping and packing: the image's tiles (from its header), the
-    prompt, and about a token per 4 characters of each caption."""
-    lengths = []
-    for g in groups:
-        try:
-            tiles = processor.num_tiles(g.image, max_tiles)
-        except Exception:
-            tiles = 1
-        captions = sum(len(samples[i].caption) // 4 + 2 for i in g.members)
-        lengths.append(tiles * processor.tokens_per_tile + PROMPT_TOKENS + captions)
-    return lengths
-
-
-# What the image check found, kept in the run folder so that a resume does not open every image again.
-IMAGE_CACHE = "image_check.json"
-
-
-def load_training_samples(config: cfg.TrainConfig, processor, log: RunLog):
-    """Read the data, check every image header up front and drop bad samples (counted in the log)."""
-    from captune.data.check import check_samples, format_problems
-    from captune.data.samples import read_training_data
-
-    report = read_training_data(config.data)
-    checked = check_samples(report.samples, decode_images=False, max_tiles=config.max_tiles,
-                            tile_size=processor.tile_size, thumbnail=processor.thumbnail,
-                            min_tiles=processor.min_tiles, progress=log.enabled, cache=Path(config.out) / IMAGE_CACHE)
-    for note in report.notes:
-        log.info(note)
-    for problems in (report.problems, checked.problems):
-        if problems.total:
-            log.info(f"skipping bad training samples: {format_problems(problems)}")
-    if not checked.samples:
-        raise CaptuneError("no usable training samples", config.data)
-    return checked.samples
+from captune.train.schedule import Schedule
+from captune.train.state import latest_checkpoint
 
 
 def _optimizer(model: nn.Module, config: cfg.TrainConfig) -> torch.optim.Optimizer:
@@ -194,15 +132,13 @@ def train(config: cfg.TrainConfig) -> Path:
             from captune.data.evalsets import resolve_eval_set
 
             resolve_eval_set(config.eval_data or config.data, limit=1)  # fail now, not hours into the run
-        samples = load_training_samples(config, processor, log)
-        shared = should_share(samples, config.share_prefix)
-        groups = group_samples(samples, shared)
-        schedule = Schedule(_unit_lengths(samples, groups, processor, config.max_tiles),
-                            [len(g.members) for g in groups], config, ctx.world_size, shared)
-        log.info(f"{len(samples):,} captions of {len({str(g.image) for g in groups}):,} images, "
+        data = load_training_data(config, processor, log, ctx)
+        shared = data.shared
+        schedule = Schedule(data.lengths, data.groups.sizes, config, ctx.world_size, shared)
+        log.info(f"{len(data.table):,} captions of {len(data.table.images):,} images, "
                  f"{schedule.steps_per_epoch:,} steps per epoch, {schedule.total_steps:,} steps, "
-                 + (f"shared prefixes: {len(groups):,} image groups packed into rows of <= {config.token_budget} tokens"
-                    if shared else f"gradient accumulation {schedule.accumulation}"))
+                 + (f"shared prefixes: {len(data.groups):,} image groups packed into rows of <= {config.token_budget} "
+                    "tokens" if shared else f"gradient accumulation {schedule.accumulation}"))
 
         if shared and ctx.device.type == "cuda":
             # FlexAttention skips the masked-out blocks; on the CPU (no FlexAttention backward) SDPA takes the mask dense
@@ -227,14 +163,10 @@ def train(config: cfg.TrainConfig) -> Path:
         elif ctx.is_main:
             _truncate_log(out, 0)  # a run that died before its first checkpoint starts again from step 0
 
-        dataset = (GroupDataset(samples, groups, processor, config.max_tiles, config.max_seq_length) if shared
-                   else CaptionTrainDataset(samples, processor, config.max_tiles, config.max_seq_length))
-        loader = DataLoader(dataset, batch_sampler=list(schedule.for_rank(ctx.rank, start_step)),
-                            num_workers=config.num_workers,
-                            collate_fn=Collate(processor.pad_token_id, shared, config.token_budget, static=compiled),
-                            pin_memory=ctx.device.type == "cuda",
-                            prefetch_factor=4 if config.num_workers > 0 else None)
-        batches = iter(loader)
+        dataset = CaptionDataset(data.table, data.groups, processor, config.max_tiles, config.max_seq_length)
+        collate = Collate(processor.pad_token_id, shared, config.token_budget, static=compiled)
+        batches = iter_batches(dataset, list(schedule.for_rank(ctx.rank, start_step)), collate, config.num_workers,
+                               pin_memory=ctx.device.type == "cuda")
         if state is not None:  # after everything that draws random numbers on the way to the first step
             restore_rng(state, ctx)
         autocast = (torch.autocast(device_type=ctx.device.type, dtype=torch_dtype)
@@ -272,7 +204,7 @@ def train(config: cfg.TrainConfig) -> Path:
                 if batch is None:
                     # Skipping it would leave this process one forward/backward (and its collectives) short
                     # of the others, and DDP/FSDP would wait forever: run a stand-in that counts for nothing.
-                    stand_in = stand_in or loader.collate_fn([dataset.stand_in()])[0]
+                    stand_in = stand_in or collate([dataset.stand_in()])[0]
                     batch, weight = stand_in, 0.0
                 batch = batch.to(ctx.device, torch_dtype)
                 sync = i == len(micro) - 1 or not ctx.distributed or config.fsdp
@@ -317,6 +249,7 @@ def train(config: cfg.TrainConfig) -> Path:
         finished = True
         return final
     finally:
+        gc.unfreeze()
         if log is not None:
             log.close()  # on every path, before the teardown: flushes the logs, joins the TensorBoard writer's thread
         # A barrier first when this process finished, none after an error (see distributed.shutdown).

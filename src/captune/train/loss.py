@@ -8,9 +8,7 @@ from torch import nn
 
 from captune.inputs.templates import IGNORE_INDEX
 from captune.train import config as cfg
-from captune.train.packing import (
-    PrefixSharing,
-)
+from captune.train.collate import PrefixSharing
 
 
 def compile_model(net: nn.Module, static_rows: bool = True) -> None:

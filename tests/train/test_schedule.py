@@ -7,7 +7,7 @@ import random
 import pytest
 
 from captune.train import config as cfg
-from captune.train.batching import Schedule
+from captune.train.schedule import Schedule
 
 
 def settings(**overrides) -> cfg.TrainConfig:
@@ -50,5 +50,5 @@ def test_units_of_a_step_do_not_depend_on_the_number_of_processes():
     one = Schedule(lengths, [5] * 200, settings(global_batch_size=100), 1, shared=True)
     four = Schedule(lengths, [5] * 200, settings(global_batch_size=100), 4, shared=True)
     for step in range(one.steps_per_epoch):
-        units = lambda plan: sorted(u for p in plan for m in p for u in m)  # noqa: E731
+        units = lambda plan: sorted(u for p in plan for m in p for u in m)
         assert units(one.plan(step)) == units(four.plan(step))

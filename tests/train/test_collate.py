@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from packed_setup import build_setup, loss_and_grads, rel
+from helpers.packed_setup import build_setup, loss_and_grads, rel
 
-from captune.train.batching import CaptionTrainDataset, collate_separate
+from captune.data.table import SampleTable
+from captune.train.collate import PrefixSharing, collate_separate, collate_shared
+from captune.train.dataset import CaptionDataset, group_samples, should_share
 from captune.train.loss import CaptionLoss
-from captune.train.packing import (
-    GroupDataset,
-    PrefixSharing,
-    collate_shared,
-    group_samples,
-    should_share,
-)
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +20,12 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("budget", [10_000, 120], ids=["one-row", "several-rows"])
 def test_shared_prefix_equals_separate_samples(setup, budget):
     samples, processor, peft = setup
-    separate = collate_separate([CaptionTrainDataset(samples, processor, 6, 4096)[i] for i in range(len(samples))],
-                                processor.pad_token_id)
-    groups = group_samples(samples, share=True)
-    assert sorted(len(g.members) for g in groups) == [2, 3, 4]
-    dataset = GroupDataset(samples, groups, processor, 6, 4096)
+    table = SampleTable.of(samples)
+    singles = CaptionDataset(table, group_samples(table, share=False), processor, 6, 4096)
+    separate = collate_separate([singles[i] for i in range(len(samples))], processor.pad_token_id)
+    groups = group_samples(table, share=True)
+    assert sorted(groups.sizes.tolist()) == [2, 3, 4]
+    dataset = CaptionDataset(table, groups, processor, 6, 4096)
     shared = collate_shared([dataset[g] for g in range(len(groups))], processor.pad_token_id, budget)
     assert shared.num_captions == separate.num_captions == len(samples)
     assert shared.num_tokens == separate.num_tokens
@@ -69,8 +65,9 @@ def test_mask_lets_captions_see_their_prompt_only():
 def test_flex_block_mask_forward_equals_dense(setup):
     """FlexAttention with the BlockMask computes what SDPA computes with the dense mask (forward, CPU)."""
     samples, processor, peft = setup
-    groups = group_samples(samples, share=True)
-    dataset = GroupDataset(samples, groups, processor, 6, 4096)
+    table = SampleTable.of(samples)
+    groups = group_samples(table, share=True)
+    dataset = CaptionDataset(table, groups, processor, 6, 4096)
     batch = collate_shared([dataset[g] for g in range(len(groups))], processor.pad_token_id, 10_000)
     net = CaptionLoss(peft).net
     with torch.no_grad():
@@ -89,6 +86,7 @@ def test_flex_block_mask_forward_equals_dense(setup):
 
 def test_auto_shares_only_repeated_images(setup):
     samples, _, _ = setup
-    assert should_share(samples, "auto")
-    assert not should_share(samples[:1], "auto")
-    assert should_share(samples[:1], "on") and not should_share(samples, "off")
+    table, one = SampleTable.of(samples), SampleTable.of(samples[:1])
+    assert should_share(table, "auto")
+    assert not should_share(one, "auto")
+    assert should_share(one, "on") and not should_share(table, "off")

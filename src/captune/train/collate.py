@@ -1,4 +1,5 @@
-"""Shared-prefix packing: each image (and its question) once, all of its captions attending to it.
+"""Collation: a list of encoded image groups becomes one `TrainBatch`, one caption per row (the tutorial's layout) or
+with shared prefixes: each image (and its question) once, all of its captions attending to it.
 
 COCO has five captions per image, and with 6 tiles + thumbnail the prompt is ~1,850 tokens in front of a
 ~15-token caption. The vision tower is frozen and there is no augmentation, so the prompt is identical for
@@ -17,43 +18,67 @@ so each branch needs its own copy (same token, same position, same attention, so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
-from captune.errors import CaptuneError
-from captune.inputs.templates import IGNORE_INDEX, encode_conversation
-from captune.inputs.tiling import blank_image, load_image
+from captune.inputs.templates import IGNORE_INDEX, supervised_span
 
 
-@dataclass(frozen=True)
-class Group:
-    """One image and question, and the samples (captions) that share them; one member when not sharing."""
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T]: the id predicted at each position (labels shifted left), -100 = no loss
+    attention_mask: Any  # [B, T] padding mask, or a [B, 1, T, T] / BlockMask mask for shared prefixes
+    position_ids: torch.Tensor  # [B, T]
+    pixel_values: torch.Tensor  # [tiles, 3, S, S]
+    num_captions: int
+    num_tokens: int  # supervised positions
 
-    image: Path
-    members: tuple[int, ...]
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens that are not padding."""
+        mask = self.attention_mask
+        return int((mask.doc >= 0).sum()) if hasattr(mask, "doc") else int(mask.sum())
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> TrainBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+            elif hasattr(v, "to") and not isinstance(v, int):
+                v = v.to(device)
+            moved[f.name] = v
+        return TrainBatch(**moved)
 
 
-def group_samples(samples, share: bool) -> list[Group]:
-    """Samples with the same image file and question share a prefix (in order of first appearance)."""
-    if not share:
-        return [Group(s.image, (i,)) for i, s in enumerate(samples)]
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        if len(s.conversations) == 2:  # one question, one answer; anything else trains as its own sample
-            groups.setdefault((str(s.image), s.conversations[0]["value"]), []).append(i)
-        else:
-            groups[("", i)] = [i]
-    return [Group(samples[m[0]].image, tuple(m)) for m in groups.values()]
+def shift_labels(labels: list[int]) -> list[int]:
+    """Position t predicts token t+1: the targets are the labels moved one to the left."""
+    return labels[1:] + [IGNORE_INDEX]
 
 
-def should_share(samples, mode: str) -> bool:
-    """`auto` shares when captions repeat an image (COCO: five per image)."""
-    if mode in ("on", "off"):
-        return mode == "on"
-    return len({(str(s.image), s.conversations[0]["value"]) for s in samples}) < len(samples)
+def collate_separate(items: list[dict], pad_token_id: int) -> TrainBatch | None:
+    """One caption per row, right-padded (the tutorial's layout)."""
+    rows = [(enc, it["pixel_values"]) for it in items if "error" not in it for enc in it["encodings"]]
+    if not rows:
+        return None
+    length = max(len(enc["input_ids"]) for enc, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)  # [B, T]
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(rows), length), dtype=torch.long)  # [B, T]
+    for row, (enc, _) in enumerate(rows):
+        n = len(enc["input_ids"])
+        input_ids[row, :n] = torch.tensor(enc["input_ids"])
+        targets[row, :n] = torch.tensor(shift_labels(enc["labels"]))
+        mask[row, :n] = 1
+    position_ids = torch.arange(length).expand(len(rows), length).clone()
+    return TrainBatch(
+        input_ids=input_ids, targets=targets, attention_mask=mask, position_ids=position_ids,
+        pixel_values=torch.cat([pixels for _, pixels in rows]),  # [tiles, 3, S, S]
+        num_captions=len(rows), num_tokens=int((targets != IGNORE_INDEX).sum()),
+    )
 
 
 @dataclass
@@ -79,51 +104,16 @@ def split_prefix(encodings: list[dict[str, list[int]]]) -> PackedGroup | None:
     heads, branches = [], []
     for enc in encodings:
         ids, labels = enc["input_ids"], enc["labels"]
-        first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), None)
-        if first is None or first == 0:
+        span = supervised_span(labels)
+        if span is None or span[0] == 0:
             continue  # no loss in this sample (as the original's tokenization-mismatch samples)
+        first, last = span
         heads.append(ids[: first - 1])
-        last = len(labels) - 1
-        while labels[last] == IGNORE_INDEX:
-            last -= 1
         # branch = [last prompt token, caption tokens...]; position t predicts labels[t + 1]
-        branch_ids = ids[first - 1 : last]
-        branch_targets = labels[first : last + 1]
-        branches.append(Branch(branch_ids, branch_targets))
+        branches.append(Branch(ids[first - 1 : last], labels[first : last + 1]))
     if not branches or any(h != heads[0] for h in heads):
         return None
     return PackedGroup(heads[0], branches)
-
-
-class GroupDataset(Dataset):
-    """One image group per item: the image tiled once, each caption tokenized; failures become error items."""
-
-    def __init__(self, samples, groups: list[Group], processor, max_tiles: int, max_seq_length: int):
-        self.samples, self.groups, self.processor = samples, groups, processor
-        self.max_tiles, self.max_seq_length = max_tiles, max_seq_length
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, g: int) -> dict:
-        try:
-            return self._item(g, load_image(self.groups[g].image))
-        except CaptuneError as e:
-            return {"error": str(e), "index": g, "captions": len(self.groups[g].members)}
-
-    def stand_in(self) -> dict:
-        """The first group with a blank one-tile image: trained with weight zero where a whole micro-batch
-        failed to load, so that every process still runs the same collectives."""
-        return self._item(0, blank_image(self.processor.tile_size))
-
-    def _item(self, g: int, image) -> dict:
-        group = self.groups[g]
-        pixel_values = self.processor.tile(image, self.max_tiles)  # [n, 3, S, S]
-        n_image_tokens = pixel_values.shape[0] * self.processor.tokens_per_tile
-        encodings = [encode_conversation(self.processor.tokenizer, list(self.samples[i].conversations),
-                                         n_image_tokens, self.processor.template, max_length=self.max_seq_length)
-                     for i in group.members]
-        return {"pixel_values": pixel_values, "encodings": encodings, "index": g, "image": str(group.image)}
 
 
 @dataclass
@@ -181,8 +171,6 @@ def collate_shared(items: list[dict], pad_token_id: int, token_budget: int, pad_
 
     `pad_to_budget` pads every row to `token_budget` tokens: one shape for a compiled model (no recompilation).
     """
-    from captune.train.batching import TrainBatch
-
     packed, pixel_values = [], []
     for it in items:
         if "error" in it:
@@ -233,3 +221,16 @@ def collate_shared(items: list[dict], pad_token_id: int, token_budget: int, pad_
         pixel_values=torch.cat([pixel_values[i] for i in order]), num_captions=num_captions,
         num_tokens=int((targets != IGNORE_INDEX).sum()),
     )
+
+
+class Collate:
+    """The DataLoader's collate_fn: (TrainBatch or None when no item loaded, the error items)."""
+
+    def __init__(self, pad_token_id: int, shared: bool, token_budget: int, static: bool):
+        self.pad_token_id, self.shared, self.token_budget, self.static = pad_token_id, shared, token_budget, static
+
+    def __call__(self, items: list[dict]) -> tuple[TrainBatch | None, list[dict]]:
+        errors = [it for it in items if "error" in it]
+        if self.shared:
+            return collate_shared(items, self.pad_token_id, self.token_budget, pad_to_budget=self.static), errors
+        return collate_separate(items, self.pad_token_id), errors

@@ -1,0 +1,210 @@
+"""argparse sub-commands generated from typed functions: a command's signature and Google-style docstring are the
+only description of its arguments, so the two cannot drift apart.
+
+    def convert(src: Path, out: Path, to: Literal["hf", "internvl"] = "hf", force: bool = False) -> None:
+        '''Convert a checkpoint between layouts.          <- the command's help (then, optionally, more text)
+
+        Args:
+            src: a checkpoint folder                        <- one help line per parameter; a missing one is an error
+            ...
+        '''
+
+A parameter without a default is a positional argument (a list: one or more), or a required option when it is
+keyword-only (after `*`); one with a default is an option `--name-with-dashes`. Types: str, int, float, Path,
+`X | None` (default None), `list[X]` (nargs), `Literal[...]` (choices), bool (`--x/--no-x`). Help ends with the
+default that applies, or "(required)"; hidden aliases keep old spellings working without showing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+Aliases = Mapping[str, Iterable[str]]  # parameter name -> old option spellings, accepted but not shown
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Hides the old spellings of an option (hidden aliases); shows `--x [BOOL], --no-x` for FlagOrValue."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        hidden = getattr(action, "hidden", frozenset())
+        if isinstance(action, FlagOrValue):
+            visible = [o for o in action.option_strings if o not in hidden]
+            return ", ".join([f"{o} [BOOL]" for o in visible if o not in action.negatives] +
+                             [o for o in visible if o in action.negatives])
+        if hidden:
+            action = copy.copy(action)
+            action.option_strings = [o for o in action.option_strings if o not in hidden]
+        return super()._format_action_invocation(action)
+
+
+class Flag(argparse.BooleanOptionalAction):
+    """`--x` / `--no-x`, its hidden aliases left out of the usage line too."""
+
+    def format_usage(self) -> str:
+        return " | ".join(o for o in self.option_strings if o not in getattr(self, "hidden", ()))
+
+
+class FlagOrValue(argparse.Action):
+    """`--x` (true), `--no-x` (false) or `--x VALUE` (true/false/yes/no/on/off/1/0, checked by the caller): the value
+    is stored as a string, for options coerced later (as `captune train`'s overrides of a recipe)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        self.negatives = frozenset("--no-" + o[2:] for o in option_strings if o.startswith("--"))
+        super().__init__([*option_strings, *sorted(self.negatives)], dest, nargs="?", metavar="BOOL", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string in self.negatives and values is not None:
+            parser.error(f"{option_string} takes no value")
+        setattr(namespace, self.dest, "false" if option_string in self.negatives else
+                "true" if values is None else values)
+
+
+def parse_docstring(func: Callable) -> tuple[str, str, dict[str, str]]:
+    """(summary, further text, {parameter: help}) of a Google-style docstring."""
+    doc = inspect.getdoc(func) or ""
+    head, _, rest = doc.partition("\nArgs:\n")
+    summary, _, details = head.strip().partition("\n\n")
+    helps: dict[str, str] = {}
+    name = None
+    for line in rest.splitlines():
+        if line.strip() and not line.startswith(" "):
+            break  # the next section (Returns:, ...)
+        entry = re.match(r" {1,4}(\w+)(?: \([^)]*\))?: (.*)$", line)
+        if entry:
+            name, helps[name] = entry[1], entry[2].strip()
+        elif name and line.strip():
+            helps[name] += " " + line.strip()  # a wrapped help line
+    return " ".join(summary.split()), details.strip(), helps
+
+
+def checked_helps(func: Callable, names: Iterable[str]) -> tuple[str, str, dict[str, str]]:
+    """The docstring's parts; a parameter without a help line (or a help line without a parameter) is an error."""
+    summary, details, helps = parse_docstring(func)
+    names = list(names)
+    missing = [n for n in names if not helps.get(n)]
+    unknown = [n for n in helps if n not in names]
+    if not summary or missing or unknown:
+        raise TypeError(f"{func.__module__}.{func.__qualname__}: the docstring needs a summary line and one "
+                        f"'name: help' line per parameter under Args: (missing {missing}, unknown {unknown})")
+    return summary, details, helps
+
+
+def shown(value: Any) -> str:
+    """A default as the user would type it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if isinstance(value, list) else ",".join(map(str, value))
+    return str(value)
+
+
+def _without_none(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def add_argument(parser: argparse.ArgumentParser, param: inspect.Parameter, hint: Any, text: str,
+                 aliases: Iterable[str] = ()) -> argparse.Action:
+    """The argument of one parameter (see the module docstring)."""
+    kind, aliases = _without_none(hint), tuple(aliases)
+    required = param.default is inspect.Parameter.empty
+    kwargs: dict[str, Any] = {}
+    if typing.get_origin(kind) is list:
+        kind = typing.get_args(kind)[0] if typing.get_args(kind) else str
+        kwargs["nargs"] = "+" if required else "*"
+    if typing.get_origin(kind) is Literal:
+        kwargs["choices"] = list(typing.get_args(kind))
+        kind = type(kwargs["choices"][0])
+    if kind is bool:
+        if required:
+            raise TypeError(f"{param.name}: a bool parameter needs a default")
+        kwargs["action"] = Flag
+    else:
+        kwargs["type"] = kind
+    text = text.replace("%", "%%")
+    if required and param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:  # a positional argument
+        metavar = param.name.upper().removesuffix("S") if "nargs" in kwargs else param.name.upper()
+        return parser.add_argument(param.name, metavar=metavar, help=text, **kwargs)
+    if required:
+        text += " (required)"
+    elif param.default not in (None, "") and "(default" not in text:
+        text += f" (default {shown(param.default)})"
+    if kind is not bool and "choices" not in kwargs:
+        kwargs["metavar"] = param.name.split("_")[-1].upper()  # --max-tiles TILES, as train's options
+    names = ["--" + param.name.replace("_", "-"), *aliases]
+    action = parser.add_argument(*names, dest=param.name, required=required,
+                                 default=None if required else param.default, **kwargs)
+    action.help = text  # after add_argument: BooleanOptionalAction would add a "(default: ...)" of its own
+    action.hidden = frozenset([*aliases, *(("--no-" + a[2:]) for a in aliases if kind is bool)])
+    return action
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, func: Callable,
+                aliases: Aliases | None = None) -> argparse.ArgumentParser:
+    """`name` as a sub-command calling `func(**arguments)`: its arguments from func's signature and docstring."""
+    params = inspect.signature(func).parameters
+    summary, details, helps = checked_helps(func, params)
+    hints = typing.get_type_hints(func)
+    parser = subparsers.add_parser(name, help=summary, description=f"{summary}\n\n{details}".strip(),
+                                   formatter_class=HelpFormatter)
+    for param in params.values():
+        add_argument(parser, param, hints.get(param.name, str), helps[param.name], (aliases or {}).get(param.name, ()))
+    parser.set_defaults(func=lambda args: func(**{n: getattr(args, n) for n in params}))
+    return parser
+
+
+def add_commands(subparsers: argparse._SubParsersAction, table: Mapping[str, Any],
+                 aliases: Mapping[str, Aliases] | None = None,
+                 builders: Mapping[str, Callable] | None = None, path: str = "") -> None:
+    """A table of sub-commands: name -> function, or -> (help, table) for a group (`captune data coco`).
+    `aliases[path]` (a command's path: "data coco"; "*" for every command) hides old spellings of its options;
+    `builders[path](subparsers, name, function)` builds a command's parser itself (`captune train`)."""
+    aliases, builders = aliases or {}, builders or {}
+    for name, entry in table.items():
+        where = f"{path}{name}"
+        if where in builders:
+            builders[where](subparsers, name, entry)
+        elif isinstance(entry, tuple):
+            text, group = entry
+            parser = subparsers.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+            inner = parser.add_subparsers(dest=f"{where.replace(' ', '_')}_command", required=True,
+                                          metavar="COMMAND")
+            add_commands(inner, group, aliases, builders, f"{where} ")
+        else:
+            add_command(subparsers, name, entry, {**aliases.get("*", {}), **aliases.get(where, {})})
+
+
+def add_config_options(parser: argparse.ArgumentParser, config: type, helps: Mapping[str, str], applies: Any,
+                       required: Iterable[str] = (), skip: Iterable[str] = (), aliases: Aliases | None = None) -> None:
+    """One option per field of a dataclass, values kept as the strings typed (the caller coerces them): `--x VALUE`,
+    bools also `--x` and `--no-x`. Help: helps[field], then "(required)" or the value `applies` (an instance, with
+    a `recipe` name) gives it, e.g. "(internvl2_2b_coco_lora: 16384)"."""
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        if not helps.get(f.name):
+            raise TypeError(f"{config.__name__}.{f.name}: no help line")
+        value = getattr(applies, f.name)
+        suffix = ("required" if f.name in required and not value else f"{applies.recipe}: {shown(value)}"
+                  if value != "" else "" if "(default" in helps[f.name] else "unset")
+        names = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, ())]
+        hidden = [*names[1:], *(("--no-" + a[2:]) for a in names[1:] if hints[f.name] is bool)]
+        text = (f"{helps[f.name]} ({suffix})" if suffix else helps[f.name]).replace("%", "%%")
+        if hints[f.name] is bool:
+            action = parser.add_argument(*names, dest=f.name, action=FlagOrValue, default=None, help=text)
+        else:
+            action = parser.add_argument(*names, dest=f.name, default=None, metavar=f.name.split("_")[-1].upper(),
+                                         help=text)
+        action.hidden = frozenset(hidden)

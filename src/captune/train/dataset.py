@@ -1,0 +1,188 @@
+"""The training data: samples read and checked once, grouped by image, measured, and one dataset serving the groups.
+
+With `share_prefix`, a group is an image and question with all of its captions (COCO: five), encoded once as a
+shared prompt and one branch per caption (`collate.collate_shared`); without, every caption is a group of its own.
+A group's length in tokens comes from `data.lengths.measure`, the same count the collation produces, so the
+schedule's micro-batches are exactly the packed rows.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from captune import distributed
+from captune.data.lengths import Lengths, measure
+from captune.data.table import SampleTable
+from captune.errors import CaptuneError
+from captune.inputs.templates import encode_conversation
+from captune.inputs.tiling import blank_image, load_image
+
+# What the image check found, kept in the run folder so that a resume does not open every image again.
+IMAGE_CACHE = "image_check.json"
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Samples grouped by image and question, in order of first appearance: group g is
+    `members[offsets[g]:offsets[g + 1]]`."""
+
+    members: np.ndarray  # [N] int32 sample indices
+    offsets: np.ndarray  # [G + 1] int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, g: int) -> np.ndarray:
+        return self.members[self.offsets[g] : self.offsets[g + 1]]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """[G] captions of each group."""
+        return np.diff(self.offsets)
+
+
+def group_samples(table: SampleTable, share: bool) -> Groups:
+    """With `share`, the caption samples of one image file and question form a group; any other conversation (a
+    system turn, several turns) trains as a group of its own."""
+    n = len(table)
+    if not share:
+        return Groups(np.arange(n, dtype=np.int32), np.arange(n + 1, dtype=np.int64))
+    caption = table.question_of >= 0
+    keys = np.where(caption, table.image_of.astype(np.int64) * (len(table.questions) + 1) + table.question_of,
+                    -1 - np.arange(n, dtype=np.int64))
+    _, first, group_of = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))  # groups in order of first appearance
+    group_of = rank[group_of.ravel()]
+    members = np.argsort(group_of, kind="stable").astype(np.int32)
+    offsets = np.zeros(len(first) + 1, np.int64)
+    np.cumsum(np.bincount(group_of, minlength=len(first)), out=offsets[1:])
+    return Groups(members, offsets)
+
+
+def should_share(table: SampleTable, mode: str) -> bool:
+    """`auto` shares when captions repeat an image and question (COCO: five per image)."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return len(group_samples(table, True)) < len(table)
+
+
+def unit_lengths(groups: Groups, lengths: Lengths, shared: bool) -> np.ndarray:
+    """[G] tokens of each group as collated: packed with a shared prefix, or the one caption's row."""
+    if not shared:
+        return lengths.total[groups.members]
+    branch = np.add.reduceat(lengths.branch[groups.members], groups.offsets[:-1])
+    prefix = lengths.prefix[groups.members[groups.offsets[:-1]]]
+    return np.where(branch > 0, prefix + branch, 0)
+
+
+class CaptionDataset(Dataset):
+    """One image group per item: the image tiled once, each of its samples encoded; an image that fails to load or a
+    sample that fails to encode becomes an error item, never a crash."""
+
+    def __init__(self, table: SampleTable, groups: Groups, processor, max_tiles: int, max_seq_length: int):
+        self.table, self.groups, self.processor = table, groups, processor
+        self.max_tiles, self.max_seq_length = max_tiles, max_seq_length
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, g: int) -> dict:
+        members = self.groups[g]
+        try:
+            return self._item(g, load_image(self.table.image(members[0])))
+        except CaptuneError as e:
+            return {"error": str(e), "index": g, "captions": len(members)}
+
+    def stand_in(self) -> dict:
+        """The first group with a blank one-tile image: trained with weight zero where a whole micro-batch failed to
+        load, so that every process still runs the same collectives."""
+        return self._item(0, blank_image(self.processor.tile_size))
+
+    def _item(self, g: int, image) -> dict:
+        members = self.groups[g]
+        pixel_values = self.processor.tile(image, self.max_tiles)  # [tiles, 3, S, S]
+        n_image_tokens = pixel_values.shape[0] * self.processor.tokens_per_tile
+        path = self.table.image(members[0])
+        try:
+            encodings = [encode_conversation(self.processor.tokenizer, list(self.table.conversations(i)),
+                                             n_image_tokens, self.processor.template, max_length=self.max_seq_length)
+                         for i in members.tolist()]
+        except CaptuneError as e:
+            raise CaptuneError(str(e), path) from None
+        return {"pixel_values": pixel_values, "encodings": encodings, "index": g, "image": str(path)}
+
+
+def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collate, num_workers: int,
+                 pin_memory: bool):
+    """The collated micro-batches, in order, loaded by `num_workers` forked worker processes."""
+    loader = DataLoader(dataset, batch_sampler=micro_batches, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None)
+    # The workers are forks of this process: objects that exist now are left alone by the garbage collector from
+    # here on (`train` unfreezes them at the end), so it does not touch, and so copy, their memory in every worker.
+    gc.collect()
+    gc.freeze()
+    return iter(loader)
+
+
+@dataclass
+class TrainingData:
+    table: SampleTable
+    groups: Groups
+    lengths: np.ndarray  # [G] tokens of each group as collated
+    shared: bool
+
+
+def load_training_data(config, processor, log, ctx: distributed.Context | None = None) -> TrainingData:
+    """Read the data; check every image header once (cached in the run folder) and every sample's length; drop the
+    bad samples (counted in the log); hold the rest compactly, grouped and measured.
+
+    Under torchrun the main process checks the images first and the others then find its results in the cache (they
+    only `stat` the files), and it alone measures the lengths, which the others receive."""
+    from captune.data.check import check_lengths, check_samples, tile_counts
+    from captune.data.problems import Problems, format_problems
+    from captune.data.samples import read_training_data
+
+    several = ctx is not None and ctx.distributed
+    report = read_training_data(config.data)
+    if several and not ctx.is_main:
+        distributed.barrier(ctx)  # wait for the main process's image check
+    checked = check_samples(report.samples, decode_images=False, progress=log.enabled,
+                            cache=Path(config.out) / IMAGE_CACHE)
+    if several and ctx.is_main:
+        distributed.barrier(ctx)
+    del report.samples
+    table = SampleTable.of(checked.samples)
+    del checked.samples
+    gc.collect()  # 566k Sample objects: give their memory back before the data-loader workers are forked
+    lengths = None
+    if not several or ctx.is_main:
+        tiles = tile_counts(table, checked.sizes, processor, config.max_tiles)
+        lengths = measure(table, tiles, processor, progress=log.enabled)
+    if several:
+        box = [lengths]
+        dist.broadcast_object_list(box, src=0)
+        lengths = box[0]
+    if not lengths.exact:
+        log.info("note: the fast length count disagreed with real encodings; every sample was encoded instead")
+    too_long = Problems()
+    keep = check_lengths(table, lengths, config.max_seq_length, too_long)
+    for note in report.notes:
+        log.info(note)
+    for problems in (report.problems, checked.problems, too_long):
+        if problems.total:
+            log.info(f"skipping bad training samples: {format_problems(problems)}")
+    if not len(keep):
+        raise CaptuneError("no usable training samples", config.data)
+    if len(keep) < len(table):
+        table = SampleTable.of([table[i] for i in keep.tolist()])
+        lengths = Lengths(lengths.total[keep], lengths.prefix[keep], lengths.branch[keep], {}, lengths.exact)
+    shared = should_share(table, config.share_prefix)
+    groups = group_samples(table, shared)
+    return TrainingData(table, groups, unit_lengths(groups, lengths, shared), shared)
