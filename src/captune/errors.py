@@ -14,3 +14,19 @@ class CaptuneError(Exception):
     def __init__(self, message: str, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
         super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class Interrupted(Exception):
+    """Ctrl-C in a long command, with what was kept and how to go on: the command line prints
+    `captune: interrupted: <message>` in one line and exits with status 130."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+def ignore_interrupts_in_worker(worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group, and only the main process should
+    act on it (a worker's KeyboardInterrupt would print its own traceback)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
