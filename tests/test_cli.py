@@ -11,19 +11,21 @@ import io
 import re
 import subprocess
 import sys
+import typing
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 
-from captune import cli, cli_args
+from captune import cli, cli_args, cli_sizing, devices
 from captune.cli import build_parser, main
-from captune.errors import CaptuneError
+from captune.errors import CaptuneError, Interrupted
 from captune.train.config import HELP, TrainConfig, recipe_values
 
 COMMANDS = {("demo",), ("caption",), ("eval",), ("score",), ("train",), ("data", "coco"), ("data", "synthetic"),
-            ("data", "check"), ("merge",), ("verify-merge",), ("bench", "eval"), ("bench", "train"), ("convert",)}
+            ("data", "check"), ("merge",), ("verify-merge",), ("bench", "eval"), ("bench", "train"), ("convert",),
+            ("compare",), ("plan",)}
 
 
 def _commands(parser: argparse.ArgumentParser, path=()):
@@ -109,7 +111,8 @@ def test_every_command_function_documents_every_parameter():
         func = parser._defaults["func"]
         assert callable(func), path
     for func in (cli.demo, cli.caption, cli.evaluate, cli.score, cli.train, cli.data_coco, cli.data_synthetic,
-                 cli.data_check, cli.merge, cli.verify_merge, cli.bench_eval, cli.bench_train, cli.convert):
+                 cli.data_check, cli.merge, cli.verify_merge, cli_sizing.bench_eval, cli_sizing.bench_train,
+                 cli.convert, cli.compare, cli_sizing.plan):
         cli_args.checked_helps(func, inspect.signature(func).parameters)  # raises if one is missing
 
 
@@ -218,19 +221,30 @@ def test_train_booleans_also_take_a_value():
 # ------------------------------------------------------------------------------------------ arguments reach functions
 
 @pytest.fixture
-def calls(monkeypatch):
-    """Every command function replaced by a recorder with its signature and docstring."""
+def recorded(monkeypatch):
+    """Every command function replaced by a recorder with its signature and docstring (devices checked as usual)."""
     made: list[tuple[str, tuple, dict]] = []
     for name in ("demo", "caption", "evaluate", "score", "train", "data_coco", "data_synthetic", "data_check",
-                 "merge", "verify_merge", "bench_eval", "bench_train", "convert"):
+                 "merge", "verify_merge", "bench_eval", "bench_train", "convert", "compare", "plan"):
         def record(*args, _name=name, **kwargs):
             made.append((_name, args, kwargs))
 
-        monkeypatch.setattr(cli, name, functools.wraps(getattr(cli, name))(record))
+        module = cli_sizing if name in ("bench_eval", "bench_train", "plan") else cli
+        monkeypatch.setattr(module, name, functools.wraps(getattr(module, name))(record))
     return made
 
 
+@pytest.fixture
+def calls(recorded, monkeypatch):
+    """`recorded`, with any --device accepted (bench's default, cuda, on a machine without a GPU too)."""
+    monkeypatch.setattr(devices, "check_device", lambda name, option="--device": name)
+    return recorded
+
+
 CALLS = [
+    (["compare", "a", "b", "--out", "c.html"], "compare", {"run_a": Path("a"), "run_b": Path("b"), "out": Path("c.html")}),
+    (["plan", "m", "--gpus", "8", "--gpu-memory", "80", "--json"], "plan",
+     {"model": Path("m"), "gpus": 8, "gpu_memory": 80.0, "recipe": None, "json": True}),
     (["demo", "--out", "d", "--epochs", "2", "--force"], "demo",
      {"out": "d", "train_images": 200, "test_images": 50, "epochs": 2.0, "force": True}),
     (["caption", "m", "a.jpg", "b.jpg", "--max-tiles", "2", "--batch-size", "3", "--question", "q?"], "caption",
@@ -360,3 +374,249 @@ def test_python_dash_m_captune():
     run = subprocess.run([sys.executable, "-m", "captune", "data", "check", "--help"], capture_output=True, text=True,
                          check=False)
     assert run.returncode == 0 and "--num-workers" in run.stdout
+
+
+# --------------------------------------------------------------------------------------- numbers checked when parsed
+
+def _parse_error(argv: list[str], capsys) -> str:
+    """The last line argparse printed for `captune ARGV` (which must exit with status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_every_numeric_option_of_every_command_has_a_range():
+    unchecked = [f"{' '.join(path)} {a.option_strings}" for path, parser in _leaves().items() if path != ("train",)
+                 for a in parser._actions if a.type in (int, float) and getattr(a, "rule", None) is None]
+    assert not unchecked
+    lists = {a.dest: a.rule for path in (("bench", "eval"), ("bench", "train")) for a in _options(_leaves()[path])
+             if getattr(a, "rule", None)}
+    assert lists["batch_sizes"].sep == "," and lists["token_budgets"].sep == ","  # "64,128": each number checked
+
+
+BAD_NUMBERS = [  # the command line, its error (after "captune COMMAND: error: ")
+    (["caption", "m", "i", "--max-tiles", "0"], "--max-tiles must be at least 1, got 0"),
+    (["caption", "m", "i", "--max-tiles", "-2"], "--max-tiles must be at least 1, got -2"),
+    (["eval", "m", "--max-tiles", "0"], "--max-tiles must be at least 1, got 0"),
+    (["data", "check", "d", "--max-tiles", "0"], "--max-tiles must be at least 1, got 0"),
+    (["eval", "m", "--limit", "-1"], "--limit must be at least 1, got -1"),
+    (["eval", "m", "--limit", "0"], "--limit must be at least 1, got 0"),
+    (["eval", "m", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["caption", "m", "i", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["caption", "m", "i", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["caption", "m", "i", "--min-new-tokens", "-1"], "--min-new-tokens must be at least 0, got -1"),
+    (["caption", "m", "i", "--max-new-tokens", "5"], "--min-new-tokens must be at most --max-new-tokens (5), got 8"),
+    (["eval", "m", "--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
+    (["eval", "m", "--workers", "-1"], "--num-workers must be at least 0, got -1"),  # an old spelling, same rule
+    (["data", "check", "d", "--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
+    (["data", "check", "d", "--max-seq-length", "0"], "--max-seq-length must be at least 1, got 0"),
+    (["data", "synthetic", "o", "--train-images", "0"], "--train-images must be at least 1, got 0"),
+    (["data", "synthetic", "o", "--train", "0"], "--train-images must be at least 1, got 0"),
+    (["data", "synthetic", "o", "--test-images", "0"], "--test-images must be at least 1, got 0"),
+    (["data", "synthetic", "o", "--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["data", "synthetic", "o", "--style", "-1"], "--style must be at least 0, got -1"),
+    (["data", "synthetic", "o", "--image-size", "27"], "--image-size must be at least 28, got 27"),
+    (["demo", "--train-images", "7"], "--train-images must be at least 8, got 7"),
+    (["demo", "--test-images", "0"], "--test-images must be at least 1, got 0"),
+    (["demo", "--epochs", "0"], "--epochs must be greater than 0, got 0.0"),
+    (["demo", "--epochs", "inf"], "--epochs must be a finite number, got inf"),
+    (["bench", "eval", "--images", "0"], "--images must be at least 1, got 0"),
+    (["bench", "eval", "--baseline-images", "0"], "--baseline-images must be at least 1, got 0"),
+    (["bench", "eval", "--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
+    (["bench", "eval", "--batch-sizes", "64,0"], "--batch-sizes must be at least 1, got 0"),
+    (["bench", "eval", "--batch-sizes", "64,x"], "--batch-sizes must be whole numbers separated by ',', got '64,x'"),
+    (["bench", "train", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["bench", "train", "--token-budgets", "-8"], "--token-budgets must be at least 1, got -8"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_NUMBERS, ids=[" ".join(a) for a, _ in BAD_NUMBERS])
+def test_a_number_out_of_range_is_an_argparse_error_naming_the_option(calls, capsys, argv, message):
+    command = " ".join(argv[:2] if argv[0] in ("data", "bench") else argv[:1])
+    assert _parse_error(argv, capsys) == f"captune {command}: error: {message}"
+    assert calls == []  # before the command starts
+
+
+def test_numbers_at_the_edge_of_their_range_are_accepted(calls):
+    for argv in (["caption", "m", "i", "--max-tiles", "1", "--min-new-tokens", "0", "--max-new-tokens", "1",
+                  "--batch-size", "1"],
+                 ["caption", "m", "i", "--min-new-tokens", "30", "--max-new-tokens", "30"],
+                 ["eval", "m", "--limit", "1", "--num-workers", "0", "--batch-size", "1", "--max-tiles", "1"],
+                 ["data", "synthetic", "o", "--seed", "0", "--style", "0", "--image-size", "28", "--train-images", "1"],
+                 ["demo", "--train-images", "8", "--epochs", "0.5"], ["bench", "eval", "--batch-sizes", "1, 2"]):
+        assert main(argv) == 0, argv
+    assert len(calls) == 6
+
+
+def test_range_of_a_generated_command():
+    def command(rate: Annotated[float, cli_args.Range(0, 1, max_open=True)] = 0.5,
+                sizes: list[cli_args.AtLeast1] | None = None) -> None:
+        """Summary.
+
+        Args:
+            rate: the rate
+            sizes: the sizes
+        """
+
+    parser = cli_args.Parser(prog="p")
+    cli_args.add_command(parser.add_subparsers(dest="c"), "c", command)
+    assert parser.parse_args(["c", "--rate", "0"]).rate == 0.0
+    for argv, message in ((["c", "--rate", "1"], "--rate must be at least 0 and less than 1, got 1.0"),
+                          (["c", "--rate", "nan"], "--rate must be a finite number, got nan")):
+        err = io.StringIO()
+        with pytest.raises(SystemExit), redirect_stderr(err):
+            parser.parse_args(argv)
+        assert err.getvalue().strip().endswith(f"p c: error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------- train's rules
+
+def test_every_numeric_train_option_has_a_rule():
+    from captune.train import config
+
+    hints = typing.get_type_hints(TrainConfig)
+    numeric = {name for name, kind in hints.items() if kind in (int, float) or typing.get_origin(kind) is tuple}
+    assert numeric == set(config.RANGES) | {"max_steps", "adam_betas"}  # those two have rules of their own
+
+
+def _bad_train_values():
+    from captune.train import config
+
+    for name, (low, high, low_open, high_open) in config.RANGES.items():
+        yield name, str(low if low_open else low - 1)
+        if high is not None:
+            yield name, str(high if high_open else high + 1)
+    yield "max_steps", "0"
+    yield "max_steps", "-2"
+    yield "adam_betas", "0.9"
+    yield "adam_betas", "0.9,1.0"
+
+
+@pytest.mark.parametrize("name,value", list(_bad_train_values()), ids=lambda v: str(v))
+def test_train_rules_name_the_option_as_typed(name, value):
+    from captune.train import config
+
+    option = "--" + name.replace("_", "-")
+    with pytest.raises(CaptuneError) as error:
+        config.resolve("demo_lora", {"model": "m", "data": "d", "out": "o", name: value})
+    assert str(error.value).startswith(f"{option} must be ") and "_" not in str(error.value)
+
+
+def test_train_values_at_the_edge_are_accepted():
+    from captune.train import config
+
+    edges = {"lora_dropout": "0", "warmup_ratio": "1", "weight_decay": "0", "seed": "0", "num_workers": "0",
+             "keep_checkpoints": "0", "eval_every": "0", "max_steps": "1", "adam_betas": "0,0.999"}
+    resolved = config.resolve("demo_lora", {"model": "m", "data": "d", "out": "o", **edges})
+    assert (resolved.keep_checkpoints, resolved.max_steps, resolved.adam_betas) == (0, 1, (0.0, 0.999))
+
+
+def test_train_errors_on_the_command_line_name_the_option(monkeypatch, capsys):
+    import captune.train.loop
+
+    started = []
+    monkeypatch.setattr(captune.train.loop, "train", lambda config: started.append(config))
+    assert main(["train", "--model", "m", "--data", "d", "--out", "o", "--lora-rank", "0"]) == 2
+    assert capsys.readouterr().err == "captune: error: --lora-rank must be at least 1, got 0\n"
+    assert main(["train", "--model", "m", "--data", "d", "--out", "o", "--device", "cpux"]) == 2
+    assert capsys.readouterr().err == "captune: error: --device must be auto, cpu, cuda or cuda:N, not 'cpux'\n"
+    assert started == []
+
+
+def test_unknown_train_keys_are_named_as_typed():
+    from captune.train import config
+
+    with pytest.raises(CaptuneError, match=r"^unknown option '--lora-rnk'; did you mean --lora-rank, "):
+        config.apply(TrainConfig(), {"lora_rnk": "4"})  # the command line's overrides
+    with pytest.raises(CaptuneError, match=r"^unknown option 'lora_rnk' in recipe r; did you mean lora_rank, "):
+        config.apply(TrainConfig(), {"lora_rnk": 4}, where="recipe r")  # a recipe file's key, as written there
+    with pytest.raises(CaptuneError, match=r"^lora_rank in recipe r: 'big' is not a valid int"):
+        config.apply(TrainConfig(), {"lora_rank": "big"}, where="recipe r")
+
+
+# ------------------------------------------------------------------------------------------ unknown options, devices
+
+@pytest.mark.parametrize("argv,unknown,hint", [
+    (["train", "--lora-rnk", "4"], "--lora-rnk 4", "--lora-rank"),
+    (["caption", "m", "i", "--max-tils", "2"], "--max-tils 2", "--max-tiles"),
+    (["eval", "m", "--wokers", "2"], "--wokers 2", "--num-workers"),  # not the hidden --workers
+    (["data", "check", "d", "--max-seq-lenght=9"], "--max-seq-lenght=9", "--max-seq-length"),
+])
+def test_an_unknown_option_shows_the_commands_usage_and_the_closest_option(calls, capsys, argv, unknown, hint):
+    command = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"usage: captune {command} ")  # the command's, not captune's
+    assert err.strip().splitlines()[-1] == \
+        f"captune {command}: error: unrecognized arguments: {unknown} (did you mean {hint}?)"
+    assert calls == []
+
+
+def test_an_unknown_argument_without_a_close_option(capsys):
+    last = _parse_error(["score", "r", "g", "extra"], capsys)
+    assert last == "captune score: error: unrecognized arguments: extra"
+
+
+DEVICE_COMMANDS = [["caption", "m", "i"], ["eval", "m"], ["merge", "a", "o"], ["verify-merge", "a", "m"],
+                   ["bench", "eval"], ["bench", "train"], ["train"]]
+
+
+def test_every_command_with_a_device_is_checked():
+    with_device = {path for path, parser in _leaves().items() if "device" in {a.dest for a in _options(parser)}}
+    assert with_device == {tuple(a[:2]) if a[0] == "bench" else (a[0],) for a in DEVICE_COMMANDS}
+
+
+@pytest.mark.parametrize("argv", DEVICE_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_a_bad_device_is_one_line_before_any_work(recorded, capsys, monkeypatch, argv):
+    assert main([*argv, "--device", "cpux"]) == 2
+    assert capsys.readouterr().err == "captune: error: --device must be auto, cpu, cuda or cuda:N, not 'cpux'\n"
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: False)
+    assert main([*argv, "--device", "cuda"]) == 2  # merge --device cuda: before loading, merging and saving
+    assert capsys.readouterr().err.startswith("captune: error: --device cuda: no CUDA GPU is available")
+    assert recorded == []
+
+
+# ------------------------------------------------------------------------------------------ --version, Ctrl-C, demo
+
+def test_version(capsys, monkeypatch):
+    from importlib import metadata
+
+    import captune
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"captune {metadata.version('captune')}\n"
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)  # a source tree on sys.path
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out == f"captune {captune.__version__}\n"
+
+
+@pytest.mark.parametrize("raised,line", [
+    (Interrupted("kept 120 captions in runs/eval; run the same command again to resume"),
+     "captune: interrupted: kept 120 captions in runs/eval; run the same command again to resume\n"),
+    (KeyboardInterrupt(), "captune: interrupted\n"),
+], ids=["Interrupted", "KeyboardInterrupt"])
+def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys, raised, line):
+    def interrupted(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(cli, "score", functools.wraps(cli.score)(interrupted))
+    assert main(["score", "r", "g"]) == 130
+    assert capsys.readouterr().err == line
+
+
+def test_demo_help_and_readme_give_the_same_duration():
+    text = _help_of(("demo",))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    make_demo = next(line for line in readme.splitlines() if line.startswith("make demo "))
+    assert "about a minute on 2 cores" in text and "about a minute on 2 cores" in make_demo
+    assert "few minutes" not in text

@@ -5,18 +5,21 @@ cleanup handlers run; SIGKILL runs none. Each case runs the command in a child p
 hooked to write a marker and then SIGKILL its own process, before or after the n-th call matching a pattern (a
 shard write, a rename, the `torch.save` of the trainer state, a prune's rmtree). Afterwards the previous output or
 checkpoint is whole and loadable, OUT is absent or complete, the next run of the same command succeeds (a resumed
-training gives the loss curve of an uninterrupted one) and no temporary folder is left over.
+training gives the loss curve of an uninterrupted one) and no temporary folder is left over. Ctrl-C (SIGINT to the
+whole process group, as a terminal sends it) stops a training in one line, under torchrun too, and it resumes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -355,3 +358,84 @@ def test_recovery_touches_only_leftovers_of_gone_writers(tmp_path):
         leftover(run, name, TRAINER_STATE)
     assert [s for s, _ in list_checkpoints(run)] == [1]
     assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoint-000001"]
+
+
+# --------------------------------------------------------------------------------------------- Ctrl-C while training
+
+PROGRESS = re.compile(r"^[\w ]+: .*\[\d+:\d\d")  # a tqdm bar: "training:  0%|...| 5/100000 [00:02<...]"
+STOPPED = re.compile(r"captune: interrupted: stopped at step (\d+); the last checkpoint is (\S+) \(step (\d+)\); "
+                     r"run the same command again to resume")
+
+
+def ctrl_c(cmd: list[str], cwd: Path, out: Path, at: int, env: dict | None = None) -> tuple[int, str]:
+    """Run `cmd` as a terminal runs a foreground job (a process group of its own, Ctrl-C not ignored), and once
+    OUT/checkpoint-`at` exists, send SIGINT to the whole group, as Ctrl-C does: the command, its DataLoader workers
+    (and under torchrun the launcher and every process). Returns the exit status and stderr; fails on a hang."""
+    log = cwd / "stderr.txt"
+    # A shell's background jobs ignore SIGINT, and so would the command: it starts with the default action.
+    unignored = [sys.executable, "-c", ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                                        "os.execv(sys.argv[1], sys.argv[1:])")]
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*unignored, *cmd], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / f"checkpoint-{at:06d}").is_dir():
+                assert proc.poll() is None, f"ended before checkpoint {at}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no checkpoint after 300 s"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 90 s after Ctrl-C (a hang?):\n{log.read_text()[-3000:]}")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return proc.returncode, log.read_text()
+
+
+def said(stderr: str) -> list[str]:
+    """stderr without the progress bars."""
+    return [line for line in re.split(r"[\r\n]", stderr) if line.strip() and not PROGRESS.match(line)]
+
+
+def resumes(args: list[str], out: Path, stopped: str) -> None:
+    """The stop's message names the newest checkpoint, and the run goes on from it (two steps more)."""
+    step, checkpoint, kept = STOPPED.fullmatch(stopped).groups()
+    assert Path(checkpoint) == out / f"checkpoint-{int(kept):06d}" == latest_checkpoint(out)
+    assert int(step) - 2 <= int(kept) <= int(step) and hidden_folders(out) == []
+    assert main([*args, "--max-steps", str(int(kept) + 2), "--out", str(out)]) == 0
+    assert f"resumed from {checkpoint} at step {kept}" in (out / "train.log").read_text()
+    assert latest_checkpoint(out) == out / f"checkpoint-{int(kept) + 2:06d}"
+
+
+def test_ctrl_c_stops_training_in_one_line_and_the_rerun_resumes(tiny_run, tmp_path):
+    """Ctrl-C to `captune train` and its DataLoader workers: no traceback (the workers leave SIGINT to the main
+    process), one line saying where it stopped and what to do, exit status 130; then the run resumes."""
+    args, _ = tiny_run
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "captune", *args, "--max-steps", "100000", "--save-every", "2", "--num-workers", "2",
+           "--out", str(out)]
+    code, stderr = ctrl_c(cmd, tmp_path, out, at=4)
+    lines = said(stderr)
+    assert code == 130 and len(lines) == 1 and STOPPED.fullmatch(lines[0]), stderr[-3000:]
+    resumes(args, out, lines[0])
+
+
+def test_ctrl_c_under_torchrun_stops_every_process(tiny_run, tmp_path):
+    """All processes get the signal (from the terminal, and again from torchrun): each stops in order within
+    seconds, none waits forever on a collective of another that has stopped, and none prints a traceback of its
+    own (torchrun's launcher prints its own); the checkpoint they name resumes (here in one process)."""
+    args, _ = tiny_run
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "captune",
+           *args, "--max-steps", "100000", "--save-every", "2", "--global-batch-size", "8", "--num-workers", "1",
+           "--out", str(out)]
+    code, stderr = ctrl_c(cmd, tmp_path, out, at=4, env=env)
+    stops = [m.group(0) for m in STOPPED.finditer(stderr)]  # one per process (their lines may interleave)
+    assert code != 0 and len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    assert "forcefully exiting" not in stderr  # torchrun did not have to SIGKILL a process that hung
+    assert stderr.count("Traceback") <= 1 and "SignalException" in stderr  # the launcher's, not a worker's
+    resumes([*args, "--global-batch-size", "8"], out, stops[0])

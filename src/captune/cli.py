@@ -12,7 +12,9 @@
 
 Each sub-command is a plain typed function: its signature and docstring are its arguments and their help
 (`captune.cli_args` builds the parsers from them; train's options come from `TrainConfig`). `main` only parses
-arguments and turns user errors (`CaptuneError`) into one line on stderr and exit status 2, without a traceback.
+arguments and turns user errors (`CaptuneError`) into one line on stderr and exit status 2, without a traceback
+(numbers out of range are argparse errors, exit status 2, before the command starts: `cli_args.Range`), and Ctrl-C
+into `captune: interrupted[: what was kept and how to go on]` and exit status 130.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from captune import cli_args
-from captune.errors import CaptuneError
+from captune import cli_args, cli_sizing
+from captune.cli_args import AtLeast0, AtLeast1, Positive, Range
+from captune.errors import CaptuneError, Interrupted
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 # Old spellings of options, still accepted but not shown: command ("*": every command) -> parameter -> options.
 ALIASES = {
@@ -39,16 +43,16 @@ ALIASES = {
 }
 
 
-def demo(out: str = "runs/demo", train_images: int = 200, test_images: int = 50, epochs: float = 8.0,
-         force: bool = False) -> dict:
-    """The tutorial in miniature, offline, on the CPU (a few minutes).
+def demo(out: str = "runs/demo", train_images: Annotated[int, Range(8)] = 200, test_images: AtLeast1 = 50,
+         epochs: Positive = 8.0, force: bool = False) -> dict:
+    """The tutorial in miniature, offline, on the CPU (about a minute on 2 cores).
 
     Data, evaluation, LoRA training, evaluation again, merging, captioning with plain transformers: the tutorial
     end to end, on rendered scenes and a tiny InternVL2 shipped with captune.
 
     Args:
         out: folder for the data, runs, reports and merged model
-        train_images: training images (five captions each)
+        train_images: training images (five captions each; at least 8, one batch of the demo recipe)
         test_images: test images (five references each)
         epochs: passes over the training captions
         force: replace a non-empty --out
@@ -58,9 +62,13 @@ def demo(out: str = "runs/demo", train_images: int = 200, test_images: int = 50,
     return run(out, train_images, test_images, epochs, force)
 
 
-def caption(model: str, images: list[str], question: str | None = None, max_tiles: int = 6, max_new_tokens: int = 30,
-            min_new_tokens: int = 8, batch_size: int = 8, device: str = "auto", dtype: str = "auto") -> list[str]:
+def caption(model: str, images: list[str], question: str | None = None, max_tiles: AtLeast1 = 6,
+            max_new_tokens: AtLeast1 = 30, min_new_tokens: Annotated[int, Range(0, not_above="max_new_tokens")] = 8,
+            batch_size: AtLeast1 = 8, device: str = "auto", dtype: str = "auto") -> list[str]:
     """Caption images: one line per image, in order (greedy, as InternVL2's `model.chat()`).
+
+    A caption's line breaks are escaped so that it stays on its line: a newline is printed as the two characters
+    \\n and a backslash as \\\\ (any other line break as Python writes it, e.g. \\r).
 
     Args:
         model: an InternVL2 checkpoint folder (original or native layout)
@@ -73,7 +81,7 @@ def caption(model: str, images: list[str], question: str | None = None, max_tile
         device: cuda, cpu or auto (a GPU if there is one)
         dtype: bf16, fp16, fp32 or auto (bf16 on a GPU, fp32 on the CPU)
     """
-    from captune.eval.generate import GenerationSettings, caption_images
+    from captune.eval.generate import GenerationSettings, caption_images, one_line
     from captune.inputs.tiling import load_image
     from captune.internvl.load import load
 
@@ -84,7 +92,7 @@ def caption(model: str, images: list[str], question: str | None = None, max_tile
     settings = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
     captions = caption_images(net, processor, pictures, question, max_tiles, batch_size, settings)
     for text in captions:
-        print(text, flush=True)
+        print(one_line(text), flush=True)
     return captions
 
 
@@ -121,8 +129,8 @@ def data_coco(*, karpathy: Path, image_root: Path, out: Path) -> None:
     data_coco_command(karpathy, image_root, out)
 
 
-def data_synthetic(out: Path, train_images: int = 400, test_images: int = 100, seed: int = 0, style: int = 0,
-                   image_size: int = 448, force: bool = False) -> None:
+def data_synthetic(out: Path, train_images: AtLeast1 = 400, test_images: AtLeast1 = 100, seed: AtLeast0 = 0,
+                   style: AtLeast0 = 0, image_size: Annotated[int, Range(28)] = 448, force: bool = False) -> None:
     """Write a small synthetic caption data set (rendered shapes) in the tutorial's data/coco layout.
 
     Args:
@@ -140,8 +148,8 @@ def data_synthetic(out: Path, train_images: int = 400, test_images: int = 100, s
                            force=force)
 
 
-def data_check(data: Path, model: Path | None = None, max_tiles: int = 6, max_seq_length: int = 4096,
-               num_workers: int | None = None, image_root: Path | None = None) -> None:
+def data_check(data: Path, model: Path | None = None, max_tiles: AtLeast1 = 6, max_seq_length: AtLeast1 = 4096,
+               num_workers: AtLeast0 | None = None, image_root: Path | None = None) -> None:
     """Validate a training set before hours of training (exit status 1 if anything is wrong).
 
     Counts missing or unreadable images, malformed lines, empty captions and over-long samples.
@@ -163,9 +171,10 @@ def data_check(data: Path, model: Path | None = None, max_tiles: int = 6, max_se
 
 
 def evaluate(model: str, data: str | None = None, test_json: str | None = None, gt_json: str | None = None,
-             image_root: str | None = None, out: str | None = None, max_tiles: int = 6,
-             batch_size: int | None = None, limit: int | None = None, device: str = "auto", dtype: str = "auto",
-             spice: bool = False, num_workers: int | None = None, force: bool = False) -> dict | None:
+             image_root: str | None = None, out: str | None = None, max_tiles: AtLeast1 = 6,
+             batch_size: AtLeast1 | None = None, limit: AtLeast1 | None = None, device: str = "auto",
+             dtype: str = "auto", spice: bool = False, num_workers: AtLeast0 | None = None,
+             force: bool = False) -> dict | None:
     """COCO Caption benchmark: caption the test set and score it (also under torchrun).
 
     Writes results.json, metrics.json and report.html; running the command again resumes.
@@ -244,16 +253,6 @@ def _add_train(subparsers: argparse._SubParsersAction, name: str, func: Callable
     p.set_defaults(func=lambda a: func(a.recipe, {k: v for k, v in vars(a).items() if k in fields and v is not None}))
 
 
-def _recipe_in(argv: Sequence[str]) -> str | None:
-    """The value of --recipe on a command line, before it is parsed (train's help shows that recipe's values)."""
-    for i, arg in enumerate(argv):
-        if arg == "--recipe" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--recipe="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def merge(adapter: str, out: str, format: Literal["hf", "internvl", "both"] = "hf",
           dtype: Literal["bf16", "fp16", "fp32"] = "bf16", force: bool = False, base: str | None = None,
           verify: bool = True, device: str = "auto") -> Path:
@@ -290,41 +289,17 @@ def verify_merge(adapter: str, merged: str, base: str | None = None, device: str
     return verify_merge_command(adapter, merged, base=base, device=device)
 
 
-def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24, batch_sizes: str = "64,128",
-               num_workers: int = 12, device: str = "cuda", out: str | None = None) -> dict:
-    """Captioning: one image at a time (the original) vs batched (captune), end to end, same GPU, same run.
+def compare(run_a: Path, run_b: Path, out: Path | None = None) -> Path:
+    """Compare two evaluations of one test set in a self-contained HTML page: metrics, then the changed captions.
 
     Args:
-        tokenizer: an InternLM2 tokenizer folder (default: a compact stand-in)
-        images: images captioned by captune's batched path
-        baseline_images: images captioned one at a time (the original's way)
-        batch_sizes: batch sizes to measure, comma-separated
-        num_workers: image decoding workers
-        device: the GPU to measure
-        out: folder for bench_eval.json (default: only printed)
+        run_a: an output folder of `captune eval` (the baseline, A)
+        run_b: another output folder of `captune eval` on the same test set (B)
+        out: the page to write (default: compare.html in the current folder)
     """
-    from captune.demo.bench import bench_eval as run
+    from captune.eval.compare import compare as run
 
-    return run(tokenizer, images=images, baseline_images=baseline_images,
-               batch_sizes=tuple(int(b) for b in batch_sizes.split(",")), workers=num_workers, device=device, out=out)
-
-
-def bench_train(tokenizer: str | None = None, steps: int = 8, token_budgets: str = "16384", device: str = "cuda",
-                out: str | None = None, brief: bool = False) -> dict:
-    """Training: one caption per sample (the tutorial) vs shared-prefix packing (captune), same GPU, same run.
-
-    Args:
-        tokenizer: an InternLM2 tokenizer folder (default: a compact stand-in)
-        steps: timed optimizer steps per variant
-        token_budgets: tokens per packed micro-batch, comma-separated (the first is the default row)
-        device: the GPU to measure
-        out: folder for bench_train.json (default: only printed)
-        brief: only (a) the tutorial's way and (b) captune's, without the variants between them
-    """
-    from captune.demo.bench import bench_train as run
-
-    return run(tokenizer, steps=steps, budgets=tuple(int(b) for b in token_budgets.split(",")), device=device,
-               out=out, steps_between=not brief)
+    return run(run_a, run_b, out)
 
 
 def _commands() -> dict[str, Any]:
@@ -339,18 +314,21 @@ def _commands() -> dict[str, Any]:
                  {"coco": data_coco, "synthetic": data_synthetic, "check": data_check}),
         "merge": merge,
         "verify-merge": verify_merge,
+        "compare": compare,
+        "plan": cli_sizing.plan,
         "bench": ("GPU speed: the tutorial's way and captune's side by side (random weights).",
-                  {"eval": bench_eval, "train": bench_train}),
+                  {"eval": cli_sizing.bench_eval, "train": cli_sizing.bench_train}),
         "convert": convert,
     }
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser of every command; `argv` only picks the recipe whose values `train --help` shows."""
-    parser = argparse.ArgumentParser(prog="captune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=cli_args.HelpFormatter)
+    parser = cli_args.Parser(prog="captune", description=__doc__.split("\n\n")[0],
+                             formatter_class=cli_args.HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"captune {cli_args.installed_version('captune')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    recipe = _recipe_in(argv)
+    recipe = cli_args.option_value(argv, "--recipe")  # train's help shows that recipe's values
     cli_args.add_commands(sub, _commands(), ALIASES,
                           builders={"train": lambda s, name, func: _add_train(s, name, func, recipe)})
     return parser
@@ -371,18 +349,25 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
-    warnings.showwarning = _show_warning
-    _quiet_libraries()
-    func: Callable = args.func
     try:
+        args = build_parser(argv).parse_args(argv)
+        warnings.showwarning = _show_warning
+        _quiet_libraries()
+        if getattr(args, "device", None) is not None:  # every command's --device, before any work
+            from captune import devices
+
+            devices.check_device(args.device)
+        func: Callable = args.func
         func(args)
     except CaptuneError as e:
         print(f"captune: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as e:
+        print(f"captune: interrupted: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("captune: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

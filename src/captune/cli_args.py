@@ -13,6 +13,11 @@ A parameter without a default is a positional argument (a list: one or more), or
 keyword-only (after `*`); one with a default is an option `--name-with-dashes`. Types: str, int, float, Path,
 `X | None` (default None), `list[X]` (nargs), `Literal[...]` (choices), bool (`--x/--no-x`). Help ends with the
 default that applies, or "(required)"; hidden aliases keep old spellings working without showing them.
+
+A number's allowed values are part of its type: `max_tiles: Annotated[int, Range(1)] = 6` (or `AtLeast1`). The
+command's parser (`Parser`) checks them once the command line is parsed, before the command runs: an invalid value is
+an argparse error naming the option (`--max-tiles must be at least 1, got 0`, exit status 2), as is an unknown option,
+with the command's own usage and the option it was probably meant to be.
 """
 
 from __future__ import annotations
@@ -20,14 +25,92 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import inspect
+import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 Aliases = Mapping[str, Iterable[str]]  # parameter name -> old option spellings, accepted but not shown
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a number may take, in its parameter's annotation: `Annotated[int, Range(1)]`. `min` and `max` are
+    included unless `min_open`/`max_open`; `not_above` names another parameter it may not exceed; with `sep`, the
+    value is a list of whole numbers in one string ("64,128"), each checked. None (a computed default) is not."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+    not_above: str | None = None
+    sep: str | None = None
+
+    def problem(self, value: float) -> str | None:
+        """"must be at least 1" if `value` is out of range, else None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        low = self.min is None or (value > self.min if self.min_open else value >= self.min)
+        high = self.max is None or (value < self.max if self.max_open else value <= self.max)
+        if low and high:
+            return None
+        parts = [f"{'greater than' if self.min_open else 'at least'} {self.min:g}"] if self.min is not None else []
+        parts += [f"{'less than' if self.max_open else 'at most'} {self.max:g}"] if self.max is not None else []
+        return "must be " + " and ".join(parts)
+
+
+AtLeast0 = Annotated[int, Range(0)]  # a count that may be zero (--num-workers 0: in the main process)
+AtLeast1 = Annotated[int, Range(1)]  # a count of one or more (--max-tiles, --batch-size, images)
+Positive = Annotated[float, Range(0, min_open=True)]  # a quantity above zero (--epochs)
+
+
+class Parser(argparse.ArgumentParser):
+    """A parser whose commands check their own arguments: the ranges of numbers (`Range`), and unknown options,
+    reported with the command's usage (not the top-level one) and the closest known option."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if "func" in self._defaults:  # a command, not a group of commands: everything it was given is its own
+            if extras:
+                self.error(unrecognized(self, extras))
+            check_ranges(self, namespace)
+        return namespace, extras
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's message, with the option an unknown one was probably meant to be."""
+    known = [o for a in parser._actions for o in a.option_strings if o not in getattr(a, "hidden", ())]
+    for extra in extras:
+        close = difflib.get_close_matches(extra.split("=")[0], known, n=1) if extra.startswith("--") else []
+        if close:
+            return f"unrecognized arguments: {' '.join(extras)} (did you mean {close[0]}?)"
+    return f"unrecognized arguments: {' '.join(extras)}"
+
+
+def check_ranges(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> None:
+    """Every option with a `Range` checked; the first bad value is an argparse error (exit status 2)."""
+    options = {a.dest: (a.option_strings or [a.dest])[0] for a in parser._actions}
+    for action in parser._actions:
+        rule: Range | None = getattr(action, "rule", None)
+        value = getattr(namespace, action.dest, None)
+        if rule is None or value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if rule.sep is not None:
+            try:
+                items = [int(v) for v in value.split(rule.sep)]
+            except ValueError:
+                parser.error(f"{options[action.dest]} must be whole numbers separated by {rule.sep!r}, got {value!r}")
+        for item in items:
+            if problem := rule.problem(item):
+                parser.error(f"{options[action.dest]} {problem}, got {item}")
+        other = getattr(namespace, rule.not_above, None) if rule.not_above else None
+        if other is not None and value > other:
+            parser.error(f"{options[action.dest]} must be at most {options[rule.not_above]} ({other}), got {value}")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -65,6 +148,26 @@ class FlagOrValue(argparse.Action):
             parser.error(f"{option_string} takes no value")
         setattr(namespace, self.dest, "false" if option_string in self.negatives else
                 "true" if values is None else values)
+
+
+def option_value(argv: Sequence[str], option: str) -> str | None:
+    """The value of an option on a command line, before it is parsed (`--recipe R` or `--recipe=R`)."""
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def installed_version(distribution: str) -> str:
+    """A distribution's installed version, else its module's `__version__` (a source tree on sys.path)."""
+    from importlib import import_module, metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return getattr(import_module(distribution), "__version__", "unknown")
 
 
 def parse_docstring(func: Callable) -> tuple[str, str, dict[str, str]]:
@@ -120,6 +223,8 @@ def add_argument(parser: argparse.ArgumentParser, param: inspect.Parameter, hint
     kind, aliases = _without_none(hint), tuple(aliases)
     required = param.default is inspect.Parameter.empty
     kwargs: dict[str, Any] = {}
+    rules = [m for m in getattr(kind, "__metadata__", ()) if isinstance(m, Range)]  # Annotated[int, Range(1)]
+    kind = typing.get_args(kind)[0] if rules else kind
     if typing.get_origin(kind) is list:
         kind = typing.get_args(kind)[0] if typing.get_args(kind) else str
         kwargs["nargs"] = "+" if required else "*"
@@ -135,7 +240,9 @@ def add_argument(parser: argparse.ArgumentParser, param: inspect.Parameter, hint
     text = text.replace("%", "%%")
     if required and param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:  # a positional argument
         metavar = param.name.upper().removesuffix("S") if "nargs" in kwargs else param.name.upper()
-        return parser.add_argument(param.name, metavar=metavar, help=text, **kwargs)
+        action = parser.add_argument(param.name, metavar=metavar, help=text, **kwargs)
+        action.rule = rules[0] if rules else None
+        return action
     if required:
         text += " (required)"
     elif param.default not in (None, "") and "(default" not in text:
@@ -147,6 +254,7 @@ def add_argument(parser: argparse.ArgumentParser, param: inspect.Parameter, hint
                                  default=None if required else param.default, **kwargs)
     action.help = text  # after add_argument: BooleanOptionalAction would add a "(default: ...)" of its own
     action.hidden = frozenset([*aliases, *(("--no-" + a[2:]) for a in aliases if kind is bool)])
+    action.rule = rules[0] if rules else None
     return action
 
 
@@ -155,7 +263,7 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, func: Callabl
     """`name` as a sub-command calling `func(**arguments)`: its arguments from func's signature and docstring."""
     params = inspect.signature(func).parameters
     summary, details, helps = checked_helps(func, params)
-    hints = typing.get_type_hints(func)
+    hints = typing.get_type_hints(func, include_extras=True)
     parser = subparsers.add_parser(name, help=summary, description=f"{summary}\n\n{details}".strip(),
                                    formatter_class=HelpFormatter)
     for param in params.values():

@@ -1,4 +1,5 @@
-"""Devices and dtypes by name, the same in every command: `--device auto|cpu|cuda[:N]`, `--dtype auto|bf16|fp16|fp32`."""
+"""Devices and dtypes by name, the same in every command: `--device auto|cpu|cuda[:N]` (checked up front by
+`check_device`), `--dtype auto|bf16|fp16|fp32`."""
 
 from __future__ import annotations
 
@@ -28,10 +29,33 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     return DTYPES[dtype]
 
 
+def check_device(name: str | None, option: str = "--device") -> str:
+    """A device name checked before any work starts: auto, cpu, cuda or cuda:N, and the GPU there (one line of
+    CaptuneError naming `option` otherwise). Returns the name."""
+    if name is None or name == "auto":
+        return "auto"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise CaptuneError(f"{option} must be auto, cpu, cuda or cuda:N, not {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CaptuneError(f"{option} {name}: no CUDA GPU is available (use {option} cpu or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CaptuneError(f"{option} {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return name
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CaptuneError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CaptuneError("--device cuda was asked for, but no CUDA GPU is available")
     return device

@@ -1,5 +1,6 @@
 """Writing results so that nothing is ever half-written: temporary path first, rename when complete (files and
-whole folders, with the crash recovery of folders); reading JSON with clear errors."""
+whole folders, with the crash recovery of folders); reading JSON with clear errors. What is written gets the modes a
+plain write would (0666 / 0777 less the user's umask), never a temporary file's private 0600."""
 
 from __future__ import annotations
 
@@ -7,25 +8,43 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from captune.errors import CaptuneError
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, so readers never see a partial file."""
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """Create `.NAME.XXXXXXXX.tmp` beside `path` for writing, with the mode a plain `open(path, "w")` would give it:
+    0666 less the umask, applied by the kernel. (`tempfile.mkstemp` creates 0600, which would make every output
+    private to its writer: a merged model others on the machine cannot read.)"""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, binary: bool = False, sync: bool = True) -> Iterator[IO[Any]]:
+    """Yield a file open for writing (text in UTF-8, or `binary`) at a temporary path beside `path`; when the block
+    completes it is flushed, synced to disk (`sync`) and renamed `path`, so readers never see a partial file; when the
+    block raises it is deleted. The file gets the umask's mode, as a plain write would; a replaced `path` too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -33,8 +52,41 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, so readers never see a partial file."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, the file given the mode a plain write would give it: safetensors (0.8 here) writes
+    through a private temporary file (0600) renamed into place, which would hide the weights from other users."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    give_plain_mode(path)
+
+
+def give_plain_mode(path: str | Path) -> None:
+    """Set the permissions of the file `path` to what a plain `open(path, "w")` gives a new file: 0666 less the
+    umask. For files a library wrote through its own private temporary file."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only set it, for all threads at once)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str | Path) -> Any:
@@ -117,7 +169,9 @@ def write_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty folder `.NAME.tmp-PID` beside `final`; when the block completes it becomes `final` (an existing
     `final` is set aside as `.NAME.old-PID` for the rename, then deleted); when the block raises it is deleted.
 
-    Run `recover_dirs` first: a `.NAME.old-*` left by a killed writer may be the only copy of NAME.
+    Run `recover_dirs` first: a `.NAME.old-*` left by a killed writer may be the only copy of NAME. The folder is
+    made by a plain mkdir (0777 less the umask): write its files with `atomic_file` or plain writes, never with
+    `tempfile`'s private 0600 / 0700.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)

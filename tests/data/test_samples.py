@@ -417,6 +417,21 @@ def test_data_coco_command(coco: Path, tmp_path: Path, capsys):
     assert [s.caption for s in read_training_data(coco).samples] == ["A cat.", "A cat sitting.", "A wide dog."]
 
 
+def test_data_coco_command_says_what_it_is_doing(coco: Path, tmp_path: Path, capsys):
+    """The full dataset_coco.json takes seconds to read, convert and look up (123k images): each step is said, and
+    the countable ones show a bar on stderr."""
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps(karpathy_data()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data_coco_command(karpathy, coco, tmp_path / "annotations")
+    captured = capsys.readouterr()
+    assert f"reading {karpathy}" in captured.out and "writing 3 training captions" in captured.out
+    images = len(karpathy_data()["images"])
+    assert "converting captions" in captured.err and f"{images}/{images}" in captured.err
+    assert f"looking for the images in {coco}" in captured.err
+
+
 def test_data_check_command(coco: Path, capsys):
     jsonl = write_jsonl(coco / "annotations" / "coco_karpathy_train_567k.jsonl", [
         internvl_line(0, "train2014/a.jpg", "A cat."),

@@ -60,3 +60,16 @@ def test_cli_caption_not_a_checkpoint(tmp_path, fixtures, capsys):
     code = main(["caption", str(tmp_path), str(fixtures / "tiling" / "images" / "scene_640x427.jpg")])
     assert code == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_cli_caption_keeps_one_line_per_image(fixtures, monkeypatch, capsys):
+    """A caption with line breaks still prints as one line: a newline as the two characters \\n, a backslash
+    doubled (so the line reads back unambiguously)."""
+    captions = ["a cat\non a mat", "a dog\\n and a \\ slash\r\n", "plain"]
+    monkeypatch.setattr("captune.internvl.load.load", lambda *args, **kwargs: (None, object()))
+    monkeypatch.setattr("captune.eval.generate.caption_images", lambda *args, **kwargs: captions)
+    image = str(fixtures / "tiling" / "images" / "scene_640x427.jpg")
+    assert main(["caption", "some-model", image, image, image]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["a cat\\non a mat", "a dog\\\\n and a \\\\ slash\\r\\n", "plain"]
+    assert [line.encode().decode("unicode_escape") for line in out.splitlines()] == captions

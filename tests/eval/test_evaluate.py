@@ -86,6 +86,43 @@ def test_eval_refuses_to_mix_settings(first_run, coco_dir, fixtures, capsys):
     assert "max_tiles 6 -> 2" in capsys.readouterr().err
 
 
+def test_resume_takes_another_ground_truth_file(first_run, coco_dir, fixtures, tmp_path, monkeypatch, capsys):
+    """The ground truth only scores the captions: a rerun naming it (or another copy of it) resumes the run."""
+    monkeypatch.setattr("captune.eval.evaluate.finish", lambda out, evalset, spice: {})  # no scoring: seconds of java
+    _, out = first_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    gt = shutil.copy(coco_dir / "annotations" / "coco_karpathy_test_gt.json", tmp_path / "my_gt.json")
+    code = main(["eval", str(fixtures / "models" / "internvl2_2b_mini"), "--test-json",
+                 str(coco_dir / "annotations" / "coco_karpathy_test.json"), "--gt-json", str(gt), "--image-root",
+                 str(coco_dir), "--out", str(resumed), "--num-workers", "0", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "5 already captioned" in capsys.readouterr().out
+
+
+def test_skipped_images_captioned_by_a_rerun_are_no_longer_listed(first_run, coco_dir, fixtures, tmp_path,
+                                                                  monkeypatch):
+    """The corrupt image 6, repaired, is captioned by the rerun: skipped.jsonl and metrics.json both say none is
+    skipped now."""
+    from captune.eval.scoring import ScoreReport
+
+    def fake_score(results, gt, spice=False, progress=False):  # the scorers' numbers do not matter here
+        return ScoreReport({"CIDEr": 1.0}, {r["image_id"]: {"CIDEr": 1.0} for r in results}, len(results))
+
+    monkeypatch.setattr("captune.eval.scoring.score_captions", fake_score)
+    _, out = first_run
+    rerun, images = tmp_path / "rerun", tmp_path / "images"
+    shutil.copytree(out, rerun)
+    shutil.copytree(coco_dir, images)
+    shutil.copy(coco_dir / "val2014" / "COCO_val2014_000000000001.jpg", images / "val2014" / "COCO_val2014_000000000006.jpg")
+    code = main(["eval", str(fixtures / "models" / "internvl2_2b_mini"), "--data", str(coco_dir), "--image-root",
+                 str(images), "--out", str(rerun), "--num-workers", "0", "--device", "cpu"])
+    assert code == 0
+    assert [r["image_id"] for r in json.loads((rerun / "results.json").read_text())] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((rerun / "metrics.json").read_text())["num_skipped"] == 0
+    assert not (rerun / "skipped.jsonl").exists() or not (rerun / "skipped.jsonl").read_text().strip()
+
+
 def test_cli_score_matches_eval(first_run, coco_dir, capsys):
     _, out = first_run
     code = main(["score", str(out / "results.json"), str(coco_dir / "annotations" / "coco_karpathy_test_gt.json")])

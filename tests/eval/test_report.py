@@ -1,19 +1,18 @@
 """`captune.eval.report.write_report`: a self-contained page, worst caption first, that a real browser renders.
 
-The browser test needs Debian's chromium (`apt-get install chromium`); it fails without it, unless
-CAPTUNE_SKIP_BROWSER=1.
+The browser test needs a headless Chromium (`make test` installs Debian's chromium when run as root); without one it
+is skipped, saying why, unless CAPTUNE_REQUIRE_BROWSER=1 (as in CI), which makes a missing browser a failure
+(tests/helpers/browser.py).
 """
 
 from __future__ import annotations
 
 import html
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from helpers.browser import find_chromium, run_chromium
 from PIL import Image
 
 from captune.eval.report import THUMB_SIZE, write_report
@@ -82,6 +81,16 @@ def test_thumbnails_are_small_jpegs_and_unreadable_images_get_placeholders(tmp_p
     assert page.count('<img class="thumb"') == 4 and page.count('loading="lazy"') == 4
 
 
+def test_writing_the_thumbnails_shows_a_progress_bar(tmp_path, capsys):
+    """Thousands of thumbnails take half a minute: with `progress` a bar counts them on stderr."""
+    rows = make_rows(tmp_path / "images")
+    write_report(tmp_path / "out", rows, METRICS, progress=True)
+    err = capsys.readouterr().err
+    assert "writing report thumbnails" in err and f"{len(rows)}/{len(rows)}" in err
+    write_report(tmp_path / "quiet", rows, METRICS)
+    assert capsys.readouterr().err == ""
+
+
 def test_rewriting_a_report_replaces_it(tmp_path):
     rows = make_rows(tmp_path / "images")
     write_report(tmp_path / "out", rows, METRICS)
@@ -93,26 +102,20 @@ def test_rewriting_a_report_replaces_it(tmp_path):
 
 # --------------------------------------------------------------------------------------------- real browser
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+def test_without_a_browser_the_browser_test_skips_saying_why(tmp_path, monkeypatch):
+    for name in ("CAPTUNE_SKIP_BROWSER", "CAPTUNE_BROWSER", "CAPTUNE_REQUIRE_BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no chromium, chrome, ... on it
+    with pytest.raises(pytest.skip.Exception, match="no headless browser to render the page") as skipped:
+        find_chromium()
+    assert "apt-get install chromium" in str(skipped.value) and "CAPTUNE_BROWSER" in str(skipped.value)
 
-
-def find_chromium() -> str:
-    """Debian's chromium; a failure (not a skip) when it is missing, so that CI cannot pass without it."""
-    if os.environ.get("CAPTUNE_SKIP_BROWSER") == "1":
-        pytest.skip("CAPTUNE_SKIP_BROWSER=1")
-    found = shutil.which("chromium")
-    if found is None:
-        pytest.fail("chromium is needed to check that report.html renders: apt-get install chromium "
-                    "(or set CAPTUNE_SKIP_BROWSER=1 to skip this test)")
-    return found
-
-
-def run_chromium(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
-    return proc
+    monkeypatch.setenv("CAPTUNE_REQUIRE_BROWSER", "1")  # CI: a missing browser fails
+    with pytest.raises(pytest.fail.Exception, match="no headless browser"):
+        find_chromium()
+    monkeypatch.setenv("CAPTUNE_BROWSER", str(tmp_path / "my-chrome"))
+    with pytest.raises(pytest.fail.Exception, match="CAPTUNE_BROWSER=.*my-chrome not found"):
+        find_chromium()
 
 
 @pytest.mark.slow

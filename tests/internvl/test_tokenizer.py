@@ -12,7 +12,8 @@ import pytest
 import sentencepiece
 
 from captune.errors import CaptuneError
-from captune.inputs.templates import chat_template
+from captune.inputs.processor import Processor, decode_ids
+from captune.inputs.templates import chat_template, get_template
 from captune.internvl.tokenizer import image_token_ids, load_tokenizer
 
 
@@ -146,6 +147,192 @@ def test_null_character_keeps_its_piece(tok):
     assert tok.decode([264, 354, 260]) == "a\x00b"
 
 
+# ------------------------------------------------------------------ byte-fallback pieces, decoded as SentencePiece does
+#
+# SentencePiece decodes a run of consecutive byte pieces (<0x00>..<0xFF>) as UTF-8 character by character: a
+# well-formed character where one starts, else U+FFFD for that one byte, going on at the next byte. tokenizers'
+# ByteFallback decoder turns the whole run into U+FFFD as soon as one byte is wrong: `<0x0B><0xD6>` gave
+# "\ufffd\ufffd" where the original gives "\x0b\ufffd".
+
+SPECIAL_IDS = (0, 1, 2, *range(92538, 92553))
+
+
+def _byte_ids(data: bytes) -> list[int]:
+    return [3 + b for b in data]  # <0x00> is id 3 (checked below)
+
+
+def _sp_reference(sp, tok, ids, skip_special_tokens=True) -> str:
+    """What the original decodes: SentencePiece on the pieces, special tokens dropped (or kept as their text)."""
+    out, run = [], []
+    for i in ids:
+        if i in SPECIAL_IDS:
+            if not skip_special_tokens:
+                out += [sp.decode(run), tok.convert_ids_to_tokens(i)]
+                run = []
+        else:
+            run.append(i)
+    return "".join(out) + sp.decode(run)
+
+
+def test_byte_piece_ids(sp):
+    assert [sp.id_to_piece(3 + b) for b in (0, 0x0B, 0xD6, 0xFF)] == ["<0x00>", "<0x0B>", "<0xD6>", "<0xFF>"]
+
+
+def test_valid_byte_beside_invalid_one_decodes_as_the_original(tok, sp):
+    ids = tok.convert_tokens_to_ids(["▁a", "▁dog", "_id", "<0x0B>", "<0xD6>", "▁it", "<|im_end|>"])
+    expected = " a dog_id\x0b\ufffd it"
+    assert _sp_reference(sp, tok, ids) == expected
+    assert decode_ids(tok, ids) == expected
+    assert tok.decode(ids, skip_special_tokens=True) == expected  # the tokenizer's own pipeline too
+    assert Processor(tok, get_template("internlm2-chat")).decode(ids) == expected.strip()
+
+
+BYTE_CASES = {
+    "e acute": "é".encode(),
+    "han": "中".encode(),
+    "emoji": "😀".encode(),
+    "flag": "🇫🇷".encode(),
+    "three characters": "é中😀".encode(),
+    "truncated at the end": "中".encode()[:2],
+    "truncated emoji at the end": "😀".encode()[:3],
+    "truncated in the middle": "中".encode()[:2] + "é".encode(),
+    "character then truncated": "é".encode() + "中".encode()[:2],
+    "emoji then truncated emoji": "😀".encode() + "😀".encode()[:2],
+    "control bytes": b"\x00\x01\x0b\x1f\x7f\t\n",
+    "control then invalid": b"\x0b\xd6",
+    "invalid then control": b"\xd6\x0b",
+    "lone continuation": b"\x80",
+    "continuations": b"\x80\xbf\x80",
+    "character then continuation": "é".encode() + b"\x80",
+    "continuation then character": b"\xa9" + "中".encode(),
+    "overlong": b"\xc0\x80\xe0\x80\x80\xf0\x80\x80\x80",
+    "surrogate": b"\xed\xa0\x80",
+    "past U+10FFFF": b"\xf4\x90\x80\x80\xf5\x80",
+    "ff and fe": b"\xff\xfe",
+    "max code point": "\U0010ffff".encode(),
+    "ascii between halves": b"\xe4A\xb8\xad",
+    "space symbol as bytes": "▁".encode(),
+}
+
+
+@pytest.mark.parametrize("name", BYTE_CASES)
+def test_byte_runs_decode_as_sentencepiece(tok, sp, name):
+    data = BYTE_CASES[name]
+    for ids in (_byte_ids(data),
+                tok.convert_tokens_to_ids(["▁a", "▁dog"]) + _byte_ids(data) + tok.convert_tokens_to_ids(["▁it"]),
+                [1, *_byte_ids(data), 92542, *_byte_ids(data[:1]), 92544, 290],
+                [*_byte_ids(data[:2]), 2, *_byte_ids(data[2:])]):  # a run split by a dropped special token
+        for skip in (True, False):
+            assert decode_ids(tok, ids, skip_special_tokens=skip) == _sp_reference(sp, tok, ids, skip), (ids, skip)
+
+
+def _random_byte_heavy_ids(rng: random.Random) -> list[int]:
+    chars = ["é", "ß", "中", "語", "😀", "🇫🇷", "\u0800", "\uffff", "\U00010000", "\U0010ffff", "\x0b", "A", "\x7f"]
+    ids: list[int] = []
+    for _ in range(rng.randint(1, 14)):
+        kind = rng.random()
+        if kind < 0.3:
+            ids += _byte_ids(rng.choice(chars).encode())
+        elif kind < 0.45:
+            whole = rng.choice(chars).encode()
+            ids += _byte_ids(whole[: rng.randint(1, max(1, len(whole) - 1))])  # truncated
+        elif kind < 0.65:
+            ids += _byte_ids(bytes(rng.choice([rng.randrange(256), rng.randrange(0x80, 0xC0), rng.randrange(0xC0, 0x100)])
+                                   for _ in range(rng.randint(1, 3))))
+        elif kind < 0.9:
+            ids.append(rng.randrange(259, 92538))  # normal and user-defined pieces
+        else:
+            ids.append(rng.choice(SPECIAL_IDS))
+    return ids
+
+
+def test_fuzz_byte_heavy_ids_decode_as_sentencepiece(tok, sp):
+    rng = random.Random(20240611)
+    processor = Processor(tok, get_template("internlm2-chat"))
+    differed = 0
+    for _ in range(3000):
+        ids = _random_byte_heavy_ids(rng)
+        for skip in (True, False):
+            expected = _sp_reference(sp, tok, ids, skip)
+            assert decode_ids(tok, ids, skip_special_tokens=skip) == expected, (ids, skip)
+            differed += tok.decode(ids, skip_special_tokens=skip) != expected
+        stop = ids.index(92542) if 92542 in ids else len(ids)
+        assert processor.decode(ids) == _sp_reference(sp, tok, ids[:stop]).split("<|im_end|>")[0].strip(), ids
+    assert differed > 50  # the fuzz reaches the runs that the pipeline alone cannot decode (see below)
+
+
+def _mixes_valid_and_invalid(ids: list[int]) -> bool:
+    """Whether a run of non-ASCII byte pieces (C0, C1, F5-FF excepted) holds both a complete character and a byte
+    that is not part of one: the only runs that tokenizers' decoder pipeline cannot decode as SentencePiece."""
+    runs, run = [], []
+    for i in ids:
+        b = i - 3 if 3 <= i < 259 else None
+        if b is not None and 0x80 <= b and b not in (0xC0, 0xC1) and b < 0xF5:
+            run.append(b)
+        else:
+            runs.append(run)
+            run = []
+    runs.append(run)
+    for run in runs:
+        data, k, valid, invalid = bytes(run), 0, False, False
+        while k < len(data):
+            n = next((n for n in (2, 3, 4) if _is_char(data[k : k + n])), 0)
+            valid, invalid, k = valid or n > 0, invalid or n == 0, k + max(n, 1)
+        if valid and invalid:
+            return True
+    return False
+
+
+def _is_char(data: bytes) -> bool:
+    try:
+        return len(data.decode("utf-8")) == 1
+    except UnicodeDecodeError:
+        return False
+
+
+def test_fuzz_the_tokenizers_own_decode_matches_sentencepiece_but_for_mixed_runs(tok, sp):
+    # What a tokenizer saved by captune gives without captune (AutoTokenizer): ASCII and never-valid bytes
+    # (C0, C1, F5-FF) split a run as in SentencePiece, so only runs mixing whole multi-byte characters with invalid
+    # bytes differ (each of their bytes becomes U+FFFD); captune decodes those with `decode_ids`.
+    rng = random.Random(99)
+    checked = 0
+    for _ in range(3000):
+        ids = _random_byte_heavy_ids(rng)
+        for skip in (True, False):
+            if _mixes_valid_and_invalid([i for i in ids if not (skip and i in SPECIAL_IDS)]):
+                continue  # a dropped special token does not end a run
+            checked += 1
+            assert tok.decode(ids, skip_special_tokens=skip) == _sp_reference(sp, tok, ids, skip), (ids, skip)
+    assert checked > 2500  # of 6000
+    mixed = _byte_ids("é".encode() + b"\x80")
+    assert tok.decode(mixed) == "\ufffd" * 3 and decode_ids(tok, mixed) == sp.decode(mixed) == "é\ufffd"
+
+
+def test_two_byte_runs_decode_as_sentencepiece(tok, sp):
+    for first in (0x00, 0x0B, 0x41, 0x7F, 0x80, 0xA9, 0xBF, 0xC0, 0xC1, 0xC2, 0xC3, 0xDF, 0xE0, 0xE4, 0xED, 0xEF,
+                  0xF0, 0xF4, 0xF5, 0xF8, 0xFF):
+        ids = [_byte_ids(bytes([first, second])) for second in range(256)]
+        assert [decode_ids(tok, i) for i in ids] == [sp.decode(i) for i in ids], first
+
+
+def test_three_and_four_byte_runs_decode_as_sentencepiece(tok, sp):
+    rng = random.Random(5)
+    leads = [0xE0, 0xE1, 0xEC, 0xED, 0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xC2, 0xDF]
+    edges = [0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0]
+    for _ in range(4000):
+        data = bytes([rng.choice(leads)] + [rng.choice(edges + [rng.randrange(256)]) for _ in range(rng.randint(2, 4))])
+        ids = _byte_ids(data)
+        assert decode_ids(tok, ids) == sp.decode(ids), data
+
+
+def test_decode_ids_of_other_tokenizers_is_their_decode(tmp_path):
+    class Plain:  # no backend (a slow tokenizer): its own decode
+        def decode(self, ids, skip_special_tokens=False):
+            return "\ufffd".join(map(str, ids))
+
+    assert decode_ids(Plain(), [1, 2]) == "1\ufffd2"
+
+
 FRESH_LOAD = textwrap.dedent("""
     import json, sys
     import transformers
@@ -164,7 +351,7 @@ FRESH_LOAD = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_save_pretrained_reloads_in_fresh_process_without_captune(tok, ref, random_texts, tmp_path):
+def test_save_pretrained_reloads_in_fresh_process_without_captune(tok, sp, ref, random_texts, tmp_path):
     out = tmp_path / "exported"
     tok.chat_template = chat_template("internlm2-chat")
     try:
@@ -178,7 +365,9 @@ def test_save_pretrained_reloads_in_fresh_process_without_captune(tok, ref, rand
         "<s>", "</s>", "</s>", "<unk>")
 
     texts = [_expanded_query(ref)] + random_texts[:100]
-    decode = [entry["ids"] for entry in ref["decode"]] + [tok(t).input_ids for t in random_texts[:100]]
+    byte_runs = [_byte_ids(data) for name, data in BYTE_CASES.items() if not _mixes_valid_and_invalid(_byte_ids(data))]
+    byte_runs.append(tok.convert_tokens_to_ids(["_id", "<0x0B>", "<0xD6>", "▁it"]))
+    decode = [entry["ids"] for entry in ref["decode"]] + [tok(t).input_ids for t in random_texts[:100]] + byte_runs
     messages = [{"role": "user", "content": "<image>\n" + ref["question"]}]
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"texts": texts, "decode": decode, "messages": messages}), encoding="utf-8")
@@ -192,7 +381,9 @@ def test_save_pretrained_reloads_in_fresh_process_without_captune(tok, ref, rand
     assert got["ids"][0] == ref["chat_queries"]["internlm2-chat"]["input_ids"]
     assert got["ids"][1:] == [tok(t).input_ids for t in random_texts[:100]]
     assert got["decoded"][:2] == [entry["decoded_skip_special"] for entry in ref["decode"]]
-    assert got["decoded"][2:] == random_texts[:100]
+    assert got["decoded"][2:102] == random_texts[:100]
+    assert got["decoded"][102:] == [sp.decode(ids) for ids in byte_runs]  # bytes as the original decodes them
+    assert got["decoded"][-1] == "_id\x0b\ufffd it"
     assert got["im_end"] == "<|im_end|>"
     assert got["special"] == ["<s>", "</s>", "</s>", "<unk>"]
     assert got["model_max_length"] == 8192

@@ -16,6 +16,7 @@ from helpers.tiny_captions import write_tiny_captions
 
 import captune
 from captune.cli import main
+from captune.errors import Interrupted
 from captune.train import config as cfg
 from captune.train.runlog import read_log
 from captune.train.state import list_checkpoints
@@ -85,8 +86,11 @@ def test_resume_gives_the_same_loss_curve(tiny_data, tmp_path, monkeypatch):
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(run_config(root, model, tmp_path / "resumed"))
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Interrupted) as stopped:
+        train(run_config(root, model, resumed))
+    assert str(stopped.value) == (f"stopped at step 3; the last checkpoint is {resumed / 'checkpoint-000002'} "
+                                  "(step 2); run the same command again to resume")
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [2]
     train(run_config(root, model, tmp_path / "resumed"))
@@ -110,7 +114,7 @@ def test_kill_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, mo
 
     monkeypatch.setattr(ckpt.torch, "save", dying_save)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"^stopped at step 4; the last checkpoint is .*checkpoint-000002 \(step 2\)"):
         train(run_config(root, model, out))
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     assert [s for s, _ in list_checkpoints(out)] == [2]
@@ -140,9 +144,12 @@ def test_unknown_override_is_a_clear_error(tiny_data, tmp_path, capsys):
     assert code == 2 and "recipe file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", [["--lora-vision", "true"], ["--lora-alpha", "8"], ["--train-projector", "true"]])
-def test_resuming_with_other_lora_options_is_refused(tiny_data, tmp_path, capsys, option):
-    """The checkpoint's adapter was built with the recorded options; others would not fit it (or scale it)."""
+@pytest.mark.parametrize("option,why", [(["--lora-vision", "true"], "another shape (--lora-vision false -> true)"),
+                                        (["--lora-alpha", "8"], "other settings (--lora-alpha 16 -> 8)"),
+                                        (["--train-projector", "true"], "another shape (--train-projector false -> true)")])
+def test_resuming_with_other_lora_options_is_refused(tiny_data, tmp_path, capsys, option, why):
+    """The checkpoint's adapter was built with the recorded options; others would not fit it (or scale it). A
+    shape cannot change even with --allow-changes."""
     root, model, _ = tiny_data
     common = ["train", "--model", str(model), "--data", str(root / "train.jsonl"), "--out", str(tmp_path / "run"),
               "--recipe", "tiny_cpu_lora", "--max-steps", "2", "--save-every", "1"]
@@ -150,7 +157,9 @@ def test_resuming_with_other_lora_options_is_refused(tiny_data, tmp_path, capsys
     capsys.readouterr()
     code = main(common + option)
     err = capsys.readouterr().err
-    assert code == 2 and "holds a run with" in err and option[0][2:].replace("-", "_") in err, err
+    assert code == 2 and (f"holds a run with {why}" in err or f"holds a run whose adapter has {why}" in err), err
+    if "shape" in why:
+        assert main(common + option + ["--allow-changes"]) == 2 and "another shape" in capsys.readouterr().err
 
 
 def test_trainable_parameter_count_of_internvl2_2b_at_rank_128():

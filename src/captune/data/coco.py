@@ -30,7 +30,8 @@ from captune.inputs.processor import DEFAULT_QUESTION
 # Writing the tutorial's annotation files
 
 
-def write_coco_annotations(karpathy_json: str | Path, images_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+def write_coco_annotations(karpathy_json: str | Path, images_dir: str | Path, out_dir: str | Path,
+                           progress: bool = False) -> dict[str, Path]:
     """Write the tutorial's COCO annotation files from Karpathy's dataset_coco.json into `out_dir`.
 
     - `coco_karpathy_train_567k.jsonl`: one InternVL conversation per caption of splits train + restval, `"image"`
@@ -41,15 +42,20 @@ def write_coco_annotations(karpathy_json: str | Path, images_dir: str | Path, ou
     - `coco_caption.json`: InternVL's meta file naming the jsonl (absolute paths, root `images_dir`).
 
     Returns {"train", "test", "test_gt", "meta"} -> path. Images not found under `images_dir` are counted in a
-    warning; the files are written anyway.
+    warning; the files are written anyway. `progress` says each step on stdout, with a bar on stderr where the work
+    is countable (123k images to convert and to look for in the full set).
     """
+    from tqdm import tqdm
+
     karpathy_json, images_dir, out_dir = Path(karpathy_json), Path(images_dir), Path(out_dir)
+    if progress:
+        print(f"reading {karpathy_json}", flush=True)
     images = _karpathy_images(karpathy_json)
     train_lines: list[str] = []
     test: list[dict] = []
     gt: dict[str, Any] = {"info": {}, "licenses": [], "type": "captions", "images": [], "annotations": []}
     listed: list[str] = []
-    for i, image in enumerate(images):
+    for i, image in enumerate(tqdm(images, desc="converting captions", unit="image", disable=not progress)):
         split = image.get("split") if isinstance(image, dict) else None
         if split not in (*TRAIN_SPLITS, "test"):
             continue
@@ -66,10 +72,12 @@ def write_coco_annotations(karpathy_json: str | Path, images_dir: str | Path, ou
                 line = {"id": len(train_lines), "image": rel,
                         "conversations": list(caption_conversation(DEFAULT_QUESTION, caption))}
                 train_lines.append(json.dumps(line, ensure_ascii=False))
-    _warn_missing(listed, images_dir, karpathy_json)
+    _warn_missing(listed, images_dir, karpathy_json, progress)
 
     out = {"train": out_dir / TUTORIAL_JSONL, "test": out_dir / TUTORIAL_TEST,
            "test_gt": out_dir / TUTORIAL_TEST_GT, "meta": out_dir / TUTORIAL_META}
+    if progress:
+        print(f"writing {len(train_lines)} training captions and {len(test)} test images into {out_dir}", flush=True)
     write_text_atomic(out["train"], "".join(line + "\n" for line in train_lines))
     write_json_atomic(out["test"], test, indent=None)
     write_json_atomic(out["test_gt"], gt, indent=None)
@@ -110,8 +118,11 @@ def _coco_id(path: Path, i: int, image: dict) -> int:
         raise CaptuneError(f'images[{i}]: no "cocoid" and no id in the file name', path) from None
 
 
-def _warn_missing(listed: list[str], images_dir: Path, source: Path) -> None:
-    missing = [rel for rel in listed if not (images_dir / rel).is_file()]
+def _warn_missing(listed: list[str], images_dir: Path, source: Path, progress: bool = False) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(listed, desc=f"looking for the images in {images_dir}", unit="image", disable=not progress)
+    missing = [rel for rel in bar if not (images_dir / rel).is_file()]
     if missing:
         warnings.warn(f"{len(missing)} of {len(listed)} images listed in {source} are not under {images_dir} "
                       f"(e.g. {missing[0]}); the annotations are written anyway", stacklevel=3)
@@ -119,7 +130,7 @@ def _warn_missing(listed: list[str], images_dir: Path, source: Path) -> None:
 
 def data_coco_command(karpathy: str | Path, images: str | Path, out: str | Path) -> None:
     """`captune data coco --karpathy dataset_coco.json --image-root DIR --out DIR`."""
-    paths = write_coco_annotations(karpathy, images, out)
+    paths = write_coco_annotations(karpathy, images, out, progress=True)
     length = read_json(paths["meta"])[Path(TUTORIAL_JSONL).stem]["length"]
     print(f"wrote {paths['train']} ({length} training captions)")
     for key in ("test", "test_gt", "meta"):

@@ -22,8 +22,14 @@ class EvalImage:
 
 @dataclass(frozen=True)
 class EvalSet:
+    """The test images, the ground truth's path, and where they came from (`gt_given`: False when the ground truth
+    defaulted to the test list itself, as for Flickr30k / NoCaps)."""
+
     images: list[EvalImage]
     gt_path: Path
+    test_path: Path | None = None
+    image_root: Path | None = None
+    gt_given: bool = True
 
 
 def coco_image_id(file_name: str) -> int:
@@ -78,7 +84,8 @@ def resolve_eval_set(
     if test_json is None:
         raise CaptuneError("give --data DIR (the tutorial's data/coco layout) or --test-json and --gt-json")
     test_json = Path(test_json)
-    gt_json = Path(gt_json) if gt_json is not None else test_json
+    gt_given = gt_json is not None
+    gt_json = Path(gt_json) if gt_given else test_json
     image_root = Path(image_root) if image_root is not None else test_json.parent
     for f in (test_json, gt_json):
         if not f.is_file():
@@ -86,4 +93,4 @@ def resolve_eval_set(
     images = read_test_images(test_json, image_root)
     if limit is not None:
         images = images[:limit]
-    return EvalSet(images=images, gt_path=gt_json)
+    return EvalSet(images=images, gt_path=gt_json, test_path=test_json, image_root=image_root, gt_given=gt_given)

@@ -11,196 +11,107 @@ needs no padding, decoded and tiled in DataLoader workers while the GPU works. E
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict
 from pathlib import Path
-
-from torch.utils.data import DataLoader, Dataset
 
 from captune import distributed
 from captune.data.evalsets import EvalImage, EvalSet, resolve_eval_set
-from captune.errors import CaptuneError
-from captune.eval.generate import GenerationSettings, generate_ids
+from captune.errors import CaptuneError, Interrupted
+from captune.eval.captions import (
+    CaptionLog,
+    EvalSettings,
+    done_captions,
+    generate_captions,
+    read_jsonl,
+    skipped_images,
+    write_skipped,
+)
 from captune.fileio import read_json, write_json_atomic
-from captune.inputs.processor import DEFAULT_QUESTION, Processor
-from captune.inputs.tiling import load_image
+from captune.inputs.processor import DEFAULT_QUESTION
+
+# CaptionLog, EvalSettings, generate_captions and read_jsonl are also in-training evaluation's and the benchmark's.
+__all__ = ["CaptionLog", "EvalSettings", "evaluate", "finish", "generate_captions", "read_jsonl"]
 
 RUN_FILE = "eval.json"
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """What makes two runs' captions comparable; a resumed run must have the same."""
-
-    model: str
-    test_json: str
-    question: str = DEFAULT_QUESTION
-    max_tiles: int = 6
-    max_new_tokens: int = 30
-    min_new_tokens: int = 8
-    dtype: str = "bf16"
-
-
-class CaptionDataset(Dataset):
-    """Decodes and tiles one image per item (in DataLoader workers); an unreadable image becomes an error item."""
-
-    def __init__(self, images: list[EvalImage], processor: Processor, question: str, max_tiles: int):
-        self.images, self.processor, self.question, self.max_tiles = images, processor, question, max_tiles
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.images[i]
-        try:
-            sample = self.processor.prepare(load_image(item.path), self.question, self.max_tiles)
-        except CaptuneError as e:
-            return {"image_id": item.image_id, "image": str(item.path), "error": str(e)}
-        return {**sample, "image_id": item.image_id, "image": str(item.path)}
-
-
-class Collate:
-    def __init__(self, processor: Processor):
-        self.processor = processor
-
-    def __call__(self, samples: list[dict]) -> dict:
-        good = [s for s in samples if "error" not in s]
-        return {
-            "batch": self.processor.collate(good) if good else None,
-            "items": [{"image_id": s["image_id"], "image": s["image"]} for s in good],
-            "errors": [s for s in samples if "error" in s],
-        }
-
-
-def order_by_tiles(images: list[EvalImage], processor: Processor, max_tiles: int) -> list[EvalImage]:
-    """Largest tile counts first (an out-of-memory shows at once), equal counts together (no padding).
-
-    Only the image headers are read; an image whose header cannot be read goes last and is reported later.
-    """
-
-    def tiles(item: EvalImage) -> int:
-        try:
-            return processor.num_tiles(item.path, max_tiles)
-        except Exception:
-            return -1
-
-    return sorted(images, key=lambda item: -tiles(item))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete lines of a JSON-lines file; a line cut off by a killed process is dropped."""
-    rows = []
-    if not path.exists():
-        return rows
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
-class CaptionLog:
-    """captions.jsonl (one per rank under torchrun): appended and flushed after every batch."""
-
-    def __init__(self, out: Path, rank: int, distributed_run: bool):
-        suffix = f".rank{rank}" if distributed_run else ""
-        self.captions_path = out / f"captions{suffix}.jsonl"
-        self.skipped_path = out / f"skipped{suffix}.jsonl"
-        # Rewrite what survived an interruption so that appending continues after a complete line.
-        for path in (self.captions_path, self.skipped_path):
-            rows = read_jsonl(path)
-            if path.exists():
-                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        self._captions = open(self.captions_path, "a", encoding="utf-8")
-        self._skipped = open(self.skipped_path, "a", encoding="utf-8")
-
-    def add(self, captions: list[dict], skipped: list[dict]) -> None:
-        for f, rows in ((self._captions, captions), (self._skipped, skipped)):
-            if rows:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-                f.flush()
-                os.fsync(f.fileno())
-
-    def close(self) -> None:
-        self._captions.close()
-        self._skipped.close()
-
-
-def done_captions(out: Path) -> dict[int, dict]:
-    """Every caption already written to OUT, by any rank of any earlier run."""
-    done: dict[int, dict] = {}
-    for path in sorted(out.glob("captions*.jsonl")):
-        for row in read_jsonl(path):
-            done[int(row["image_id"])] = row
-    return done
-
-
-def skipped_images(out: Path, done: dict[int, dict]) -> dict[int, dict]:
-    skipped: dict[int, dict] = {}
-    for path in sorted(out.glob("skipped*.jsonl")):
-        for row in read_jsonl(path):
-            if int(row["image_id"]) not in done:
-                skipped[int(row["image_id"])] = row
-    return skipped
-
-
-def check_resume(out: Path, settings: EvalSettings, force: bool) -> None:
+def check_out_dir(out: Path, settings: EvalSettings, gt_json: str, force: bool) -> None:
+    """Refuse, before anything is written, an OUT that is a file, a non-empty folder that is not an evaluation
+    (unless `force`), or an evaluation whose captions were made with other settings (unless `force`)."""
+    if out.exists() and not out.is_dir():
+        raise CaptuneError("exists and is not a folder", out)
+    if force or not out.is_dir():
+        return
     run_file = out / RUN_FILE
+    if not run_file.is_file():
+        if any(out.iterdir()):
+            raise CaptuneError(f"folder exists, is not empty and holds no captune eval run (no {RUN_FILE}); use "
+                               "another --out, or --force to write the evaluation into it", out)
+        return
+    before = read_json(run_file)
+    before = before if isinstance(before, dict) else {}
+    if "gt_json" not in before and before.get("test_json") == gt_json:
+        before["test_json"] = settings.test_json  # an older captune recorded the ground truth's path as test_json
+    changed = {k: (before.get(k), v) for k, v in asdict(settings).items() if before.get(k) != v}
+    if changed and any(out.glob("captions*.jsonl")):
+        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise CaptuneError(f"holds captions made with other settings ({what}); use another --out or --force", out)
+
+
+def start_run(out: Path, settings: EvalSettings, gt_json: str, force: bool) -> None:
+    """Create OUT and record the settings (after every check passed); `force` discards earlier captions."""
+    out.mkdir(parents=True, exist_ok=True)
     if force:
         for f in list(out.glob("captions*.jsonl")) + list(out.glob("skipped*.jsonl")):
             f.unlink()
-    elif run_file.exists():
-        before = read_json(run_file)
-        changed = {k: (before.get(k), v) for k, v in asdict(settings).items() if before.get(k) != v}
-        if changed and any(out.glob("captions*.jsonl")):
-            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise CaptuneError(f"holds captions made with other settings ({what}); use another --out or --force", out)
-    write_json_atomic(run_file, asdict(settings))
+    write_json_atomic(out / RUN_FILE, {**asdict(settings), "gt_json": gt_json})
 
 
-def generate_captions(
-    model,
-    processor: Processor,
-    images: list[EvalImage],
-    log: CaptionLog,
-    settings: EvalSettings,
-    batch_size: int,
-    num_workers: int,
-    progress: bool = True,
-) -> tuple[int, int]:
-    """Caption `images` in batches, logging each batch as soon as it is done; return (captioned, skipped)."""
-    from tqdm import tqdm
+def check_model(model: str) -> None:
+    """What loading the model will need, read cheaply: a checkpoint folder (or an adapter's base) with a tokenizer."""
+    from captune.internvl.folder import has_tokenizer, open_checkpoint
+    from captune.internvl.lora import adapter_base_path, is_adapter_folder
 
-    ordered = order_by_tiles(images, processor, settings.max_tiles)
-    loader = DataLoader(
-        CaptionDataset(ordered, processor, settings.question, settings.max_tiles),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=Collate(processor),
-        pin_memory=model.device.type == "cuda",
-        prefetch_factor=4 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
-    gen = GenerationSettings(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens)
-    captioned = skipped = 0
-    bar = tqdm(total=len(ordered), desc="captioning", unit="img", disable=not progress, dynamic_ncols=True)
-    for chunk in loader:
-        rows = []
-        if chunk["batch"] is not None:
-            new_ids = generate_ids(model, processor, chunk["batch"], gen).cpu()
-            rows = [{**item, "caption": processor.decode(ids)} for item, ids in zip(chunk["items"], new_ids)]
-        for err in chunk["errors"]:
-            tqdm.write(f"captune: skipped {err['error']}")
-        log.add(rows, [{"image_id": e["image_id"], "image": e["image"], "reason": e["error"]} for e in chunk["errors"]])
-        captioned += len(rows)
-        skipped += len(chunk["errors"])
-        bar.update(len(rows) + len(chunk["errors"]))
-    bar.close()
-    return captioned, skipped
+    path = adapter_base_path(model) if is_adapter_folder(model) else Path(model)
+    ckpt = open_checkpoint(path)
+    if not has_tokenizer(ckpt.path):
+        raise CaptuneError("has no tokenizer files; cannot caption", ckpt.path)
+
+
+def check_eval_set(evalset: EvalSet, warn: bool = True) -> dict:
+    """The ground truth (returned) and the images, checked before the first image is captioned."""
+    from captune.eval.scoring import check_references, load_ground_truth
+
+    try:
+        gt = load_ground_truth(evalset.gt_path)
+    except CaptuneError as e:
+        if evalset.gt_given:
+            raise
+        raise CaptuneError(f"{e}; give the reference captions in COCO format with --gt-json "
+                           "(e.g. coco_karpathy_test_gt.json)") from None
+    check_references(gt, [im.image_id for im in evalset.images], evalset.gt_path)
+    if evalset.image_root is not None and not evalset.image_root.is_dir():
+        raise CaptuneError("image folder not found (--image-root, else --data or the folder of --test-json)",
+                           evalset.image_root)
+    missing = [im.path for im in evalset.images if not im.path.is_file()]
+    if len(missing) == len(evalset.images):
+        raise CaptuneError(f"none of the {len(missing)} test images is there (e.g. {missing[0]}); check "
+                           "--image-root", evalset.image_root or evalset.test_path)
+    if missing and warn:
+        warnings.warn(f"{len(missing)} of {len(evalset.images)} test images are missing (e.g. {missing[0]}); "
+                      "they will be skipped", stacklevel=2)
+    return gt
+
+
+def warn_without_java() -> None:
+    from captune.eval.scoring import check_java
+
+    try:
+        check_java()
+    except CaptuneError as e:
+        warnings.warn(f"{e}; the captions will be written but not scored", stacklevel=2)
 
 
 def evaluate(
@@ -220,38 +131,53 @@ def evaluate(
     question: str = DEFAULT_QUESTION,
     force: bool = False,
 ) -> dict | None:
-    """Caption the test set, write results.json, score it with the official COCO metrics, write the report."""
+    """Caption the test set, write results.json, score it with the official COCO metrics, write the report.
+
+    Everything the run needs (the test set and its ground truth, the model and its tokenizer, OUT) is checked
+    before OUT is created and the first image captioned: a failed start writes nothing.
+    """
     from captune.devices import resolve_dtype, short_dtype_name
     from captune.internvl.load import load
 
     ctx = distributed.init(device)
     try:
         evalset = resolve_eval_set(data, test_json, gt_json, image_root, limit)
+        check_model(model)
+        check_eval_set(evalset, warn=ctx.is_main)
         out_dir = Path(out) if out else Path("runs") / f"eval-{Path(model).resolve().name}"
         torch_dtype = resolve_dtype(dtype, ctx.device)
-        settings = EvalSettings(model=str(Path(model).resolve()), test_json=str(Path(evalset.gt_path).resolve()),
-                                question=question, max_tiles=max_tiles,
-                                dtype=short_dtype_name(torch_dtype))
+        settings = EvalSettings(model=str(Path(model).resolve()), test_json=str(evalset.test_path.resolve()),
+                                question=question, max_tiles=max_tiles, dtype=short_dtype_name(torch_dtype))
+        gt_path = str(evalset.gt_path.resolve())
+        check_out_dir(out_dir, settings, gt_path, force)
         if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            check_resume(out_dir, settings, force)
-        distributed.barrier(ctx)
+            warn_without_java()
 
-        done = done_captions(out_dir)
+        done = {} if force else done_captions(out_dir)
         todo = [im for im in evalset.images if im.image_id not in done]
         mine = todo[ctx.rank :: ctx.world_size]
         if ctx.is_main:
             print(f"captune eval: {len(evalset.images)} images, {len(done)} already captioned in {out_dir}, "
                   f"{len(todo)} to go" + (f" on {ctx.world_size} processes" if ctx.distributed else ""))
+        net = processor = None
         if mine:
             net, processor = load(model, dtype=torch_dtype, device=ctx.device)
             if processor is None:
                 raise CaptuneError("has no tokenizer files; cannot caption", model)
+        if ctx.is_main:
+            start_run(out_dir, settings, gt_path, force)
+        distributed.barrier(ctx)
+        if mine:
             log = CaptionLog(out_dir, ctx.rank, ctx.distributed)
             try:
                 bs = batch_size or (64 if ctx.device.type == "cuda" else 4)
                 workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
                 generate_captions(net, processor, mine, log, settings, bs, workers, progress=ctx.is_main)
+            except KeyboardInterrupt:
+                log.close()
+                kept = len(done_captions(out_dir).keys() & {im.image_id for im in evalset.images})
+                raise Interrupted(f"{kept} of {len(evalset.images)} captions kept in {log.captions_path}; "
+                                  "run the same command again to resume") from None
             finally:
                 log.close()
         distributed.barrier(ctx)
@@ -275,7 +201,8 @@ def finish(out_dir: Path, evalset: EvalSet, spice: bool) -> dict:
     wanted = {im.image_id: im for im in evalset.images}
     results = [{"image_id": i, "caption": done[i]["caption"]} for i in sorted(done) if i in wanted]
     write_json_atomic(out_dir / "results.json", results)
-    skipped = skipped_images(out_dir, done)
+    skipped = {i: row for i, row in skipped_images(out_dir, done).items() if i in wanted}
+    write_skipped(out_dir, skipped)
     print(f"captune eval: {len(results)} of {len(evalset.images)} images captioned, {len(skipped)} skipped"
           + (f" (see {out_dir / 'skipped.jsonl'})" if skipped else "") + f"; results in {out_dir / 'results.json'}")
     try:
@@ -283,7 +210,7 @@ def finish(out_dir: Path, evalset: EvalSet, spice: bool) -> dict:
     except CaptuneError as e:
         raise CaptuneError(f"{e}\nThe captions are saved; score them later with: "
                            f"captune score {out_dir / 'results.json'} {evalset.gt_path}") from None
-    report = score_captions(results, evalset.gt_path, spice=spice)
+    report = score_captions(results, evalset.gt_path, spice=spice, progress=True)
     metrics = {**report.metrics, "num_images": report.num_images, "num_skipped": len(skipped)}
     write_json_atomic(out_dir / "metrics.json", metrics)
     print(format_metrics(report.metrics))
@@ -307,5 +234,5 @@ def _write_report(out_dir: Path, results: list[dict], images: dict[int, EvalImag
         }
         for r in results
     ]
-    path = write_report(out_dir, rows, report.metrics)
+    path = write_report(out_dir, rows, report.metrics, progress=True)
     print(f"captune eval: report in {path}")

@@ -49,6 +49,16 @@ def caption_batch(model, processor: Processor, batch: dict[str, torch.Tensor], s
     return [processor.decode(row) for row in generate_ids(model, processor, batch, settings)]
 
 
+# A backslash, and what would break a caption over several lines (where `str.splitlines` splits), as Python writes them.
+_ONE_LINE = str.maketrans({c: repr(c)[1:-1] for c in "\\\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def one_line(caption: str) -> str:
+    """A caption as one line of output: a newline becomes the two characters `\\n`, a backslash `\\\\` (and any other
+    line break its Python escape: `\\r`, `\\x85`, `\\u2028`, ...), so that one image is always one line."""
+    return caption.translate(_ONE_LINE)
+
+
 def caption_images(
     model,
     processor: Processor,

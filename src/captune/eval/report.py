@@ -6,18 +6,17 @@ can be copied or opened from anywhere, offline.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 import re
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
 from captune.eval.scoring import ordered_metrics
-from captune.fileio import write_text_atomic
+from captune.fileio import atomic_file, write_text_atomic
 
 THUMB_SIZE = 256
 
@@ -70,6 +69,20 @@ _LEGEND = (
 )
 
 
+def page_head(title: str, css: str) -> str:
+    """The start of a self-contained page, up to and including its <h1> title."""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>{css}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>"""
+
+
 def _thumb_name(image_id: object) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(image_id)) + ".jpg"
 
@@ -89,16 +102,8 @@ def write_thumbnail(src: str | Path | None, dest: Path) -> tuple[int, int] | Non
 
 
 def _save_jpeg_atomic(im: Image.Image, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format="JPEG", quality=85)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(dest, binary=True, sync=False) as f:  # the umask's mode, as the page itself
+        im.save(f, format="JPEG", quality=85)
 
 
 def _band(cider: float) -> str:
@@ -122,11 +127,24 @@ def _picture(row: dict, out_dir: Path) -> str:
     return f'<img class="thumb" src="{src}" width="{size[0]}" height="{size[1]}" alt="{alt}" loading="lazy">'
 
 
-def _card(row: dict, out_dir: Path) -> str:
+def _pictures(rows: list[dict], out_dir: Path, progress: bool) -> list[str]:
+    """Every row's thumbnail written (in threads: decoding and resizing release the GIL) and its `<img>`, in order."""
+    from tqdm import tqdm
+
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        pictures = pool.map(lambda row: _picture(row, out_dir), rows)
+        return list(tqdm(pictures, total=len(rows), desc="writing report thumbnails", unit="img",
+                         disable=not progress))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: the ones not started are dropped
+
+
+def _card(row: dict, picture: str) -> str:
     cider = float(row["cider"])
     references = "".join(f"<li>{html.escape(ref)}</li>" for ref in row.get("references", []))
     return (
-        f'<div class="card" id="image-{html.escape(str(row["image_id"]))}">{_picture(row, out_dir)}'
+        f'<div class="card" id="image-{html.escape(str(row["image_id"]))}">{picture}'
         f'<div class="head"><span>image {html.escape(str(row["image_id"]))}</span>'
         f'<span class="badge {_band(cider)}">CIDEr {cider:0.3f}</span></div>'
         f'<p class="caption">{html.escape(row["caption"])}</p>'
@@ -135,26 +153,18 @@ def _card(row: dict, out_dir: Path) -> str:
 
 
 def write_report(out_dir: str | Path, rows: list[dict], metrics: dict[str, float],
-                 title: str = "captune: COCO caption evaluation") -> Path:
+                 title: str = "captune: COCO caption evaluation", progress: bool = False) -> Path:
     """Write `out_dir/report.html` (and `out_dir/thumbs/`): the metrics, then one card per image, worst CIDEr first.
 
     Each row is `{"image_id", "image" (path), "caption", "references": [str], "cider": float}`; an image that
-    is missing or unreadable gets a placeholder instead of a thumbnail.
+    is missing or unreadable gets a placeholder instead of a thumbnail. `progress` shows a bar on stderr while
+    the thumbnails are written (seconds for 5,000 images).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sorted(rows, key=lambda row: float(row["cider"]))
-    cards = "\n".join(_card(row, out_dir) for row in ordered)
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>{html.escape(title)}</h1>
+    cards = "\n".join(_card(row, picture) for row, picture in zip(ordered, _pictures(ordered, out_dir, progress)))
+    page = f"""{page_head(title, _CSS)}
 {_metrics_table(metrics)}
 <p class="legend">{len(rows)} images. {_LEGEND}</p>
 <div class="grid">

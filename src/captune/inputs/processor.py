@@ -7,6 +7,8 @@ its own: InternVL2's tiling (`tiling.py`) and conversation templates (`templates
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,9 +103,95 @@ class Processor:
         return self.collate([self.prepare(image, question, max_tiles) for image in images])
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
-        """The answer as model.chat() returns it: up to the stop token, special tokens dropped, stripped."""
+        """The answer as model.chat() returns it: up to the stop token, special tokens dropped, stripped; byte pieces
+        decoded as the original's SentencePiece decodes them (`decode_ids`)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         if self.stop_token_id in ids:
             ids = ids[: ids.index(self.stop_token_id)]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = decode_ids(self.tokenizer, ids, skip_special_tokens=True)
         return text.split(self.template.stop)[0].strip()
+
+
+# ------------------------------------------------------------------------------ decoding byte pieces as SentencePiece
+#
+# SentencePiece (the original slow tokenizers: InternLM2's, Llama's for Phi-3) decodes a run of consecutive byte
+# pieces `<0x00>`..`<0xFF>` as UTF-8 one character at a time: where a well-formed character starts it is decoded
+# (its 1 to 4 bytes), otherwise that one byte becomes U+FFFD and decoding goes on at the next byte (DecodeUTF8 and
+# the byte-piece handling of sentencepiece_processor.cc). tokenizers' `ByteFallback` decoder instead turns a whole run
+# into one U+FFFD per byte as soon as the run is not valid UTF-8: `<0x0B><0xD6>` is "\x0b\ufffd" for the original,
+# "\ufffd\ufffd" for it. The decoder captune builds for InternLM2 (`internvl.tokenizer`) already splits runs at ASCII
+# and never-valid bytes, but a run mixing whole multi-byte characters with invalid bytes (an emoji, then one cut short
+# by the end of generation) is beyond what a tokenizers decoder can express; `decode_ids` cuts such runs into
+# SentencePiece's characters before the tokenizer's own decoder sees them.
+
+# a token that tokenizers' ByteFallback reads as a byte (it parses the two characters after "<0x" in base 16)
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2}|\+[0-9A-Fa-f])>")
+
+
+def decode_ids(tokenizer: Any, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    """`tokenizer.decode(ids, skip_special_tokens=...)`, except that runs of byte-fallback pieces decode as
+    SentencePiece decodes them (see above), whatever the ids. Tokenizers without a `ByteFallback` decoder (byte-level
+    BPE, slow tokenizers) are decoded by `tokenizer.decode` as they are."""
+    ids = [int(i) for i in ids]
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    if "\ufffd" not in text:  # ByteFallback decodes a run differently only when it gives U+FFFD
+        return text
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
+        return text
+    # the tokens tokenizers' Tokenizer.decode gives its decoder: unknown ids and (by content) special tokens dropped
+    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special} if skip_special_tokens else ()
+    tokens = [t for i in ids if (t := backend.id_to_token(i)) is not None and t not in special]
+    cut = _cut_byte_runs(tokens)
+    if len(cut) == len(tokens):
+        return text
+    plain, exact = decoder.decode(tokens), decoder.decode(cut)
+    if text == plain:
+        return exact
+    clean_up = getattr(tokenizer, "clean_up_tokenization", None)  # transformers' clean_up_tokenization_spaces
+    if clean_up is not None and text == clean_up(plain):
+        return clean_up(exact)
+    return text  # decoded some other way: leave it
+
+
+def _cut_byte_runs(tokens: list[str]) -> list[str]:
+    """`tokens` with an empty token (which every decoder step passes through as nothing) between the characters of
+    each run of byte tokens, so that ByteFallback decodes each SentencePiece character (or invalid byte) alone."""
+    out: list[str] = []
+    run: list[int] = []
+    for token in [*tokens, None]:
+        m = _BYTE_TOKEN.fullmatch(token) if token is not None else None
+        if m:
+            run.append(len(out))
+            out.append(token)
+            continue
+        if len(run) > 1:
+            data = bytes(int(out[k][3:5], 16) for k in run)
+            at, pieces = 0, []
+            while at < len(data):
+                n = _char_length(data, at)
+                pieces.append(out[run[at] : run[at] + n])
+                at += n
+            del out[run[0] :]
+            for piece in pieces:
+                out += [*piece, ""]
+            out.pop()
+        run = []
+        if token is not None:
+            out.append(token)
+    return out
+
+
+def _char_length(data: bytes, at: int) -> int:
+    """The length of the well-formed UTF-8 character starting at `data[at]`, or 1 where none does (SentencePiece's
+    DecodeUTF8: no overlong forms, surrogates or code points past U+10FFFF; a truncated character is invalid)."""
+    lead = data[at]
+    n = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    if n == 1:
+        return 1
+    try:
+        data[at : at + n].decode("utf-8")  # fails on a truncated character too: fewer than n bytes are left
+    except UnicodeDecodeError:
+        return 1
+    return n

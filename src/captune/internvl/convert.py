@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from captune.errors import CaptuneError
-from captune.fileio import atomic_dir, write_json_atomic
+from captune.fileio import atomic_dir, save_safetensors, write_json_atomic
 from captune.internvl.config import (
     check_supported,
     internvl_config_from_native,
@@ -34,9 +34,7 @@ from captune.internvl.keys import KeyMap, iter_native_tensors, iter_original_ten
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
+    save_safetensors(tensors, path, metadata=metadata or {"format": "pt"})
 
 
 def output_shard_name(shard: Path) -> str:

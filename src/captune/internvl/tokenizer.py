@@ -3,8 +3,9 @@
 InternVL2 releases built on InternLM2 ship only `tokenizer.model` (SentencePiece BPE) plus a tokenizer_config.json
 whose `auto_map` points at a remote-code `InternLM2Tokenizer`. captune never runs remote code, so for those folders it
 builds the equivalent fast tokenizer itself from the SentencePiece proto: same ids, same splits, same decoding as
-the original slow tokenizer. Every other folder (anything with a tokenizer.json, Qwen2, Phi-3, Llama...) is loaded
-with `AutoTokenizer`.
+the original slow tokenizer (but for one kind of run of byte pieces that no tokenizers decoder can express, see
+`_BYTE_RUN_SPLITS`; captune decodes captions with `inputs.processor.decode_ids`, as SentencePiece for any ids). Every
+other folder (anything with a tokenizer.json, Qwen2, Phi-3, Llama...) is loaded with `AutoTokenizer`.
 
 The result is saved by `save_pretrained` as a plain `tokenizer.json` + tokenizer_config.json that any transformers
 version loads with `AutoTokenizer.from_pretrained`, without captune.
@@ -14,11 +15,20 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import transformers
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    processors,
+)
 
 from captune.errors import CaptuneError
 from captune.inputs.templates import token_id
@@ -153,6 +163,26 @@ def _token_str(token: Any) -> str | None:
     return token
 
 
+# SentencePiece decodes a run of byte pieces character by character (U+FFFD for each byte that starts no well-formed
+# character), tokenizers' ByteFallback the whole run at once (U+FFFD for every byte of a run that is not valid UTF-8):
+# `<0x0B><0xD6>` is "\x0b\ufffd" for the original, "\ufffd\ufffd" for ByteFallback alone. Both agree on a run that is
+# valid UTF-8 or has no valid character at all. An ASCII byte is always a character of its own and a never-valid byte
+# (C0, C1, F5-FF) always one U+FFFD, so both end a run for SentencePiece. These decoder steps make them do so for
+# ByteFallback too: never-valid bytes become U+FFFD; ASCII bytes are disguised as `<0x+41>` (not a byte token), so that
+# the first ByteFallback decodes the runs between them, then restored for a second ByteFallback of their own. What no
+# tokenizers decoder can express (its steps see one token at a time or all of them fused) is a run of other bytes
+# mixing whole multi-byte characters with invalid bytes ("é" then a lone <0x80>): ByteFallback gives U+FFFD for each of
+# its bytes. captune's own decoding (`inputs.processor.decode_ids`) gives SentencePiece's text for those too; a
+# tokenizer saved by captune and loaded without captune keeps only this limitation.
+_DISGUISED = re.compile(r"<0x\+[0-7][0-9A-F]>")
+_BYTE_RUN_SPLITS = [
+    decoders.Replace(Regex(r"\A<0x(?:C[01]|F[5-9A-F])>\z"), "\ufffd"),
+    decoders.Replace(Regex(r"\A<0x(?=[0-7][0-9A-F]>\z)"), "<0x+"),
+    decoders.ByteFallback(),
+    decoders.Replace(Regex(r"\A<0x\+(?=[0-7][0-9A-F]>\z)"), "<0x"),
+]
+
+
 def _sentencepiece_bpe(proto: Any, added: dict[int, AddedToken], source: Path) -> Tokenizer:
     """A `tokenizers.Tokenizer` that segments exactly like SentencePiece's BPE model `proto`.
 
@@ -200,6 +230,8 @@ def _sentencepiece_bpe(proto: Any, added: dict[int, AddedToken], source: Path) -
     if spec.escape_whitespaces:
         tokenizer.normalizer = normalizers.Replace(" ", "▁")
     steps = [decoders.Replace("▁", " ")] if spec.escape_whitespaces else []
+    if trainer.byte_fallback and not any(_DISGUISED.fullmatch(token) for token in vocab):
+        steps += _BYTE_RUN_SPLITS
     tokenizer.decoder = decoders.Sequence(steps + [decoders.ByteFallback(), decoders.Fuse()])
 
     named = [added[i] for i in sorted(added)]

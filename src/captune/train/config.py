@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -75,6 +76,8 @@ class TrainConfig:
     eval_limit: int = 500
     eval_data: str = ""  # a folder with the tutorial's test layout; default: the training data folder
     resume: str = "auto"  # auto: continue when OUT has a checkpoint | true | false
+    force: bool = False  # train into a non-empty folder that is not a run; --resume false: delete the old checkpoints
+    allow_changes: bool = False  # resume although settings that define the run (learning rate, data...) changed
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -119,14 +122,42 @@ HELP = {
     "compile": "auto, on or off: torch.compile the LLM and vision tower (auto: on a GPU with shared prefixes)",
     "device": "auto, cpu or cuda",
     "save_every": "write a checkpoint every N steps (and at the end)",
-    "keep_checkpoints": "keep the newest N step checkpoints (best/ is kept apart)",
+    "keep_checkpoints": "keep the newest N step checkpoints, 0: all (best/ is kept apart)",
     "log_every": "log loss, learning rate and speed every N steps",
     "eval_every": "caption --eval-limit test images every N steps, keep best/ by CIDEr (0: never)",
     "eval_limit": "test images captioned by the in-training evaluation",
     "eval_data": "test data for --eval-every (default: the training data folder)",
     "resume": "auto, true or false: continue from the newest checkpoint in --out",
+    "force": "train into a non-empty --out that holds no run; with --resume false, delete its earlier checkpoints",
+    "allow_changes": "resume even though options that define the run changed (learning rate, data, seed...)",
 }
 REQUIRED = ("model", "data", "out")
+
+# The values every numeric option may take, checked by `validate` before any work: field -> (minimum, maximum,
+# minimum excluded, maximum excluded); None: no bound. max_steps and adam_betas have rules of their own.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "lora_rank": (1, None, False, False),
+    "lora_alpha": (1, None, False, False),
+    "lora_dropout": (0, 1, False, True),
+    "learning_rate": (0, None, True, False),
+    "weight_decay": (0, None, False, False),
+    "warmup_ratio": (0, 1, False, False),
+    "epochs": (0, None, True, False),
+    "global_batch_size": (1, None, False, False),
+    "per_device_batch_size": (1, None, False, False),
+    "max_grad_norm": (0, None, True, False),
+    "adam_eps": (0, None, True, False),
+    "seed": (0, None, False, False),
+    "max_tiles": (1, None, False, False),
+    "max_seq_length": (1, None, False, False),
+    "token_budget": (1, None, False, False),
+    "num_workers": (0, None, False, False),
+    "save_every": (1, None, False, False),
+    "keep_checkpoints": (0, None, False, False),
+    "log_every": (1, None, False, False),
+    "eval_every": (0, None, False, False),
+    "eval_limit": (1, None, False, False),
+}
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
@@ -159,7 +190,12 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     return values
 
 
-def _coerce(name: str, value: Any) -> Any:
+def option(name: str) -> str:
+    """A field as the user types it: lora_rank -> --lora-rank."""
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any, where: str = "") -> Any:
     kind = typing.get_type_hints(TrainConfig)[name]
     try:
         if kind is bool:
@@ -181,7 +217,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind is str or isinstance(kind, types.UnionType):
             return "" if value is None else str(value)
     except (TypeError, ValueError):
-        raise CaptuneError(f"--{name.replace('_', '-')}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+        named = f"{name} in {where}" if where else option(name)  # a recipe's key as written, else the option
+        raise CaptuneError(f"{named}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
     return value
 
 
@@ -190,9 +227,11 @@ def apply(config: TrainConfig, values: dict[str, Any], where: str = "") -> Train
         name = key.replace("-", "_")
         if name not in _FIELDS:
             close = difflib.get_close_matches(name, _FIELDS, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise CaptuneError(f"unknown option {key!r}{' in ' + where if where else ''}{hint}")
-        setattr(config, name, _coerce(name, value))
+            spell = (lambda f: f) if where else option  # a recipe's key as written, else the option as typed
+            hint = f"; did you mean {', '.join(map(spell, close))}?" if close else ""
+            typed = f"{key!r} in {where}" if where else repr(option(name))
+            raise CaptuneError(f"unknown option {typed}{hint}")
+        setattr(config, name, _coerce(name, value, where))
     return config
 
 
@@ -221,10 +260,31 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise CaptuneError(f"--resume must be auto, true or false, not {config.resume!r}")
     if config.lr_scheduler not in ("cosine", "linear", "constant"):
         raise CaptuneError(f"--lr-scheduler must be cosine, linear or constant, not {config.lr_scheduler!r}")
-    for name in ("lora_rank", "global_batch_size", "per_device_batch_size", "max_tiles", "max_seq_length"):
-        if getattr(config, name) <= 0:
-            raise CaptuneError(f"--{name.replace('_', '-')} must be positive")
+    for name, bounds in RANGES.items():
+        if problem := _out_of_range(getattr(config, name), *bounds):
+            raise CaptuneError(f"{option(name)} {problem}, got {getattr(config, name)}")
+    if config.max_steps != -1 and config.max_steps < 1:
+        raise CaptuneError(f"--max-steps must be -1 (--epochs decides) or at least 1, got {config.max_steps}")
+    betas = config.adam_betas
+    if len(betas) != 2 or any(_out_of_range(b, 0, 1, False, True) for b in betas):
+        raise CaptuneError(f"--adam-betas must be two numbers B1,B2, each at least 0 and less than 1, got "
+                           f"{','.join(map(str, betas))}")
+    from captune.devices import check_device
+
+    check_device(config.device)
     return config
+
+
+def _out_of_range(value: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> str | None:
+    """"must be at least 1" (the phrasing of the other commands' options, `cli_args.Range`), or None if allowed."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if (low is None or (value > low if low_open else value >= low)) and \
+            (high is None or (value < high if high_open else value <= high)):
+        return None
+    parts = ([f"{'greater than' if low_open else 'at least'} {low:g}"] if low is not None else []) + \
+            ([f"{'less than' if high_open else 'at most'} {high:g}"] if high is not None else [])
+    return "must be " + " and ".join(parts)
 
 
 def save(config: TrainConfig, out: Path) -> None:

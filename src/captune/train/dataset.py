@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from captune import distributed
 from captune.data.lengths import Lengths, measure
 from captune.data.table import SampleTable
-from captune.errors import CaptuneError
+from captune.errors import CaptuneError, ignore_interrupts_in_worker
 from captune.inputs.templates import encode_conversation
 from captune.inputs.tiling import blank_image, load_image
 
@@ -121,9 +121,11 @@ class CaptionDataset(Dataset):
 
 def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collate, num_workers: int,
                  pin_memory: bool):
-    """The collated micro-batches, in order, loaded by `num_workers` forked worker processes."""
+    """The collated micro-batches, in order, loaded by `num_workers` forked worker processes, which leave Ctrl-C to
+    the main process (the training loop stops in order; a worker's KeyboardInterrupt would print a traceback)."""
     loader = DataLoader(dataset, batch_sampler=micro_batches, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None)
+                        pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
+                        worker_init_fn=ignore_interrupts_in_worker if num_workers > 0 else None)
     # The workers are forks of this process: objects that exist now are left alone by the garbage collector from
     # here on (`train` unfreezes them at the end), so it does not touch, and so copy, their memory in every worker.
     gc.collect()

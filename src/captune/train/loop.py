@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import gc
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from captune import distributed
-from captune.errors import CaptuneError
+from captune.errors import Interrupted
 from captune.train import config as cfg
+from captune.train import start
 from captune.train.collate import Collate, TrainBatch
 from captune.train.dataset import CaptionDataset, iter_batches, load_training_data
 from captune.train.loss import (
@@ -36,7 +41,7 @@ from captune.train.parallel import load_shards, trainable_to_float32, wrap_for_p
 from captune.train.runlog import RunLog
 from captune.train.saving import restore_checkpoint, restore_rng, save_checkpoint
 from captune.train.schedule import Schedule
-from captune.train.state import latest_checkpoint
+from captune.train.state import BEST, checkpoint_name, checkpoint_step
 
 
 def _optimizer(model: nn.Module, config: cfg.TrainConfig) -> torch.optim.Optimizer:
@@ -63,136 +68,213 @@ def _scheduler(optimizer, config: cfg.TrainConfig, total_steps: int):
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
-def _prepare_out(config: cfg.TrainConfig, ctx: distributed.Context) -> Path | None:
-    """Decide between a new run and a resumed one; write captune.yaml. Returns the checkpoint to resume from."""
-    out = Path(config.out)
-    resume_from = latest_checkpoint(out) if config.resume != "false" else None
-    if config.resume == "true" and resume_from is None:
-        raise CaptuneError("--resume true, but there is no complete checkpoint to resume from", out)
-    if resume_from is not None and (out / cfg.RUN_CONFIG).is_file():
-        before = cfg.load_run_config(out)
-        for key in ("model", "data", "lora_rank", "lora_alpha", "lora_vision", "train_projector", "global_batch_size",
-                    "per_device_batch_size", "seed", "share_prefix"):
-            if getattr(before, key) != getattr(config, key):
-                raise CaptuneError(f"holds a run with {key}={getattr(before, key)!r}, not {getattr(config, key)!r}; "
-                                   "use another --out, or --resume false to start again", out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(config, out)
-    return resume_from
+def _apply_hyperparameters(optimizer, scheduler, config: cfg.TrainConfig) -> None:
+    """A restored optimizer and scheduler hold the checkpoint's hyper-parameters; a resumed run uses the configured
+    ones (the same, unless --allow-changes) and its learning-rate schedule over its configured length."""
+    for group, decay in zip(optimizer.param_groups, (config.weight_decay, 0.0), strict=True):
+        group.update(weight_decay=decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
+                     initial_lr=config.learning_rate)
+    scheduler.base_lrs = [config.learning_rate] * len(optimizer.param_groups)
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR computes it: bit for bit when unchanged
 
 
-def _truncate_log(out: Path, step: int) -> None:
-    """A resumed run rewrites what the interrupted one logged after its last checkpoint."""
-    import json
+class _Interrupts:
+    """Ctrl-C. While starting, SIGINT raises KeyboardInterrupt, as Python's own handler does. While training
+    (`stop_at_step_end`) the first one only asks for a stop: every process finishes its step, and they all stop at the
+    same step's end (`requested` goes into the step's all-reduce), so none is left waiting in a collective, and none is
+    interrupted while it holds a lock (a log writer's, a checkpoint's rename) it would then wait for. Another SIGINT
+    within a few seconds is the same Ctrl-C passed on (torchrun forwards the terminal's to its workers, which have it
+    already) and is ignored; a later one raises KeyboardInterrupt at once."""
 
-    path = out / "log.jsonl"
-    if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    REPEAT_S = 5.0
+
+    def __init__(self):
+        self.at: float | None = None
+        self.previous = None
+        self.stop_at_step_end = False
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.at is not None and now - self.at < self.REPEAT_S:
+            return
+        first, self.at = self.at is None, now
+        if not (first and self.stop_at_step_end):
+            raise KeyboardInterrupt
+
+    @property
+    def requested(self) -> bool:
+        return self.at is not None
+
+    def stop(self) -> None:
+        """Stop now, at a step's end (this process, or another, was asked to)."""
+        self.at = self.at or time.monotonic()  # a SIGINT that reaches this process only now is the same Ctrl-C
+        self.stop_at_step_end = False
+        raise KeyboardInterrupt
+
+
+@dataclass
+class _Run:
+    """How far a run got: what `train` needs to undo a failed start and to say where an interrupted run stopped."""
+
+    interrupts: _Interrupts
+    start: start.Start | None = None
+    log: RunLog | None = None
+    batches: Any = None  # the DataLoader's iterator: dropped on the way out, which stops its workers
+    training: bool = False  # past the start-up
+    step: int = 0  # optimizer steps done
+    checkpoint: tuple[int, Path] | None = None  # the newest checkpoint: step, folder
+
+    def stopped(self, config: cfg.TrainConfig) -> str:
+        where = f"stopped at step {self.step}" if self.training else "stopped while starting"
+        if self.checkpoint is not None:
+            step, path = self.checkpoint
+            return f"{where}; the last checkpoint is {path} (step {step}); run the same command again to resume"
+        if self.training:
+            return (f"{where}, before the first checkpoint (--save-every {config.save_every}); run the same command "
+                    "again to start again")
+        return f"{where}, before any training; nothing was kept"
 
 
 def train(config: cfg.TrainConfig) -> Path:
-    """Run (or resume) a LoRA fine-tuning; return the folder of the final adapter."""
+    """Run (or resume) a LoRA fine-tuning; return the folder of the final adapter.
+
+    Every input is checked before anything is written (`start.check`); a start that fails leaves nothing behind.
+    Ctrl-C stops it with `Interrupted`, saying where it stopped and what was kept."""
+    ctx = distributed.init(config.device)
+    run, finished = _Run(_Interrupts()), False
+    with run.interrupts:
+        try:
+            final = _train(config, ctx, run)
+            finished = True
+            return final
+        except BaseException as e:
+            if run.log is not None:
+                run.log.close()
+                run.log = None
+            if run.start is not None and not run.training:
+                start.undo(run.start, ctx)
+            if isinstance(e, KeyboardInterrupt) or run.interrupts.requested:
+                raise Interrupted(run.stopped(config)) from None
+            raise
+        finally:
+            run.batches = None
+            gc.unfreeze()
+            if run.log is not None:
+                run.log.close()  # on every path, before the teardown: flushes the logs, joins TensorBoard's thread
+            # A barrier first when this process finished, none after an error (see distributed.shutdown).
+            distributed.shutdown(ctx, finished=finished)
+
+
+def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path:
     from tqdm import tqdm
 
     from captune.devices import resolve_dtype
     from captune.internvl.load import load
     from captune.internvl.lora import add_lora, count_parameters, init_lora_weights
 
-    ctx = distributed.init(config.device)
-    log, finished = None, False
-    try:
-        torch_dtype = resolve_dtype(None if config.dtype == "auto" else config.dtype, ctx.device)
-        resume_from = _prepare_out(config, ctx)
-        out = Path(config.out)
-        log = RunLog(out, enabled=ctx.is_main)
-        log.info(f"training {config.model} on {config.data} -> {out}" + (f" ({ctx.world_size} processes)" if ctx.distributed else ""))
-        sharded = config.fsdp and ctx.distributed
-        if config.eval_every > 0 and sharded:
-            raise CaptuneError("--eval-every needs the whole model in one process; it does not work with --fsdp "
-                               "(evaluate a checkpoint with `captune eval` instead)")
-        # Under FSDP2 the model is built on the meta device and each rank loads only its shard of every weight.
-        model, processor = load(config.model, dtype=torch_dtype, device="meta" if sharded else ctx.device)
-        if processor is None:
-            raise CaptuneError("has no tokenizer files; cannot train", config.model)
-        model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_vision,
-                         config.train_projector)
-        if not sharded:
-            init_lora_weights(model, config.seed)
-        trainable_to_float32(model)
-        torch.manual_seed(config.seed + ctx.rank)  # LoRA dropout: each rank draws its own numbers
-        trainable, total = count_parameters(model)
-        log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-        if config.gradient_checkpointing:
-            enable_gradient_checkpointing(model.base_model.model)
-        model.train()
+    torch_dtype = resolve_dtype(None if config.dtype == "auto" else config.dtype, ctx.device)
+    plan = start.check(config, ctx)
+    distributed.barrier(ctx)  # every process has looked at OUT before the main one changes it
+    run.start = plan
+    if plan.resume_from is not None:
+        run.checkpoint = (checkpoint_step(plan.resume_from), plan.resume_from)
+    start.begin(plan, config, ctx)
+    out, processor = plan.out, plan.processor
+    log = run.log = RunLog(out, enabled=ctx.is_main, tensorboard=False)  # TensorBoard once the start has succeeded
+    log.info(f"training {config.model} on {config.data} -> {out}" + (f" ({ctx.world_size} processes)" if ctx.distributed else ""))
+    sharded = config.fsdp and ctx.distributed
+    data = load_training_data(config, processor, log, ctx)  # the data before the model
+    shared = data.shared
+    schedule = Schedule(data.lengths, data.groups.sizes, config, ctx.world_size, shared)
+    log.info(f"{len(data.table):,} captions of {len(data.table.images):,} images, "
+             f"{schedule.steps_per_epoch:,} steps per epoch, {schedule.total_steps:,} steps, "
+             + (f"shared prefixes: {len(data.groups):,} image groups packed into rows of <= {config.token_budget} "
+                "tokens" if shared else f"gradient accumulation {schedule.accumulation}"))
+    # Under FSDP2 the model is built on the meta device and each rank loads only its shard of every weight.
+    model, _ = load(config.model, dtype=torch_dtype, device="meta" if sharded else ctx.device)
+    model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_vision,
+                     config.train_projector)
+    if not sharded:
+        init_lora_weights(model, config.seed)
+    trainable_to_float32(model)
+    torch.manual_seed(config.seed + ctx.rank)  # LoRA dropout: each rank draws its own numbers
+    trainable, total = count_parameters(model)
+    log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model.base_model.model)
+    model.train()
 
-        if config.eval_every > 0:
-            from captune.data.evalsets import resolve_eval_set
+    if shared and ctx.device.type == "cuda":
+        # FlexAttention skips the masked-out blocks; on the CPU (no FlexAttention backward) SDPA takes the mask dense
+        model.base_model.model.model.language_model.set_attn_implementation("flex_attention")
+    compiled = should_compile(config, ctx.device, shared, sharded)
+    if compiled:
+        log.info("compiling the model (torch.compile; the first steps take a few minutes)")
+        compile_model(model.base_model.model, static_rows=shared)
+    loss_module = CaptionLoss(model)
+    wrapped = wrap_for_processes(loss_module, ctx, config, torch_dtype)
+    if sharded:
+        load_shards(loss_module, config, ctx.device)
+    optimizer = _optimizer(wrapped, config)
+    scheduler = _scheduler(optimizer, config, schedule.total_steps)
+    start_step, best, state = 0, {"cider": -1.0}, None
+    if plan.resume_from is not None:
+        state = restore_checkpoint(plan.resume_from, loss_module, wrapped, optimizer, scheduler, ctx, config)
+        _apply_hyperparameters(optimizer, scheduler, config)
+        start_step, best = state["step"], state.get("best", best)
+        log.info(f"resumed from {plan.resume_from} at step {start_step}")
+        if plan.changes:
+            log.info(f"changed since the run was last started: {plan.changes}")
 
-            resolve_eval_set(config.eval_data or config.data, limit=1)  # fail now, not hours into the run
-        data = load_training_data(config, processor, log, ctx)
-        shared = data.shared
-        schedule = Schedule(data.lengths, data.groups.sizes, config, ctx.world_size, shared)
-        log.info(f"{len(data.table):,} captions of {len(data.table.images):,} images, "
-                 f"{schedule.steps_per_epoch:,} steps per epoch, {schedule.total_steps:,} steps, "
-                 + (f"shared prefixes: {len(data.groups):,} image groups packed into rows of <= {config.token_budget} "
-                    "tokens" if shared else f"gradient accumulation {schedule.accumulation}"))
-
-        if shared and ctx.device.type == "cuda":
-            # FlexAttention skips the masked-out blocks; on the CPU (no FlexAttention backward) SDPA takes the mask dense
-            model.base_model.model.model.language_model.set_attn_implementation("flex_attention")
-        compiled = should_compile(config, ctx.device, shared, sharded)
-        if compiled:
-            log.info("compiling the model (torch.compile; the first steps take a few minutes)")
-            compile_model(model.base_model.model, static_rows=shared)
-        loss_module = CaptionLoss(model)
-        wrapped = wrap_for_processes(loss_module, ctx, config, torch_dtype)
-        if sharded:
-            load_shards(loss_module, config, ctx.device)
-        optimizer = _optimizer(wrapped, config)
-        scheduler = _scheduler(optimizer, config, schedule.total_steps)
-        start_step, best, state = 0, {"cider": -1.0}, None
-        if resume_from is not None:
-            state = restore_checkpoint(resume_from, loss_module, wrapped, optimizer, scheduler, ctx, config)
-            start_step, best = state["step"], state.get("best", best)
-            log.info(f"resumed from {resume_from} at step {start_step}")
-            if ctx.is_main:
-                _truncate_log(out, start_step)
-        elif ctx.is_main:
-            _truncate_log(out, 0)  # a run that died before its first checkpoint starts again from step 0
-
-        dataset = CaptionDataset(data.table, data.groups, processor, config.max_tiles, config.max_seq_length)
-        collate = Collate(processor.pad_token_id, shared, config.token_budget, static=compiled)
-        batches = iter_batches(dataset, list(schedule.for_rank(ctx.rank, start_step)), collate, config.num_workers,
+    dataset = CaptionDataset(data.table, data.groups, processor, config.max_tiles, config.max_seq_length)
+    collate = Collate(processor.pad_token_id, shared, config.token_budget, static=compiled)
+    run.batches = iter_batches(dataset, list(schedule.for_rank(ctx.rank, start_step)), collate, config.num_workers,
                                pin_memory=ctx.device.type == "cuda")
-        if state is not None:  # after everything that draws random numbers on the way to the first step
-            restore_rng(state, ctx)
-        autocast = (torch.autocast(device_type=ctx.device.type, dtype=torch_dtype)
-                    if torch_dtype != torch.float32 else nullcontext())
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
+    start.commit(plan, config, ctx, start_step, log)
+    run.training, run.step = True, start_step
+    log.close()
+    log = run.log = RunLog(out, enabled=ctx.is_main)
+    if state is not None:  # after everything that draws random numbers on the way to the first step
+        restore_rng(state, ctx)
+    autocast = (torch.autocast(device_type=ctx.device.type, dtype=torch_dtype)
+                if torch_dtype != torch.float32 else nullcontext())
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
 
-        bar = tqdm(total=schedule.total_steps, initial=start_step, desc="training", unit="step",
-                   disable=not ctx.is_main, dynamic_ncols=True)
-        skipped_total, stand_in = 0, None
+    bar = tqdm(total=schedule.total_steps, initial=start_step, desc="training", unit="step",
+               disable=not ctx.is_main, dynamic_ncols=True)
+    skipped_total, stand_in = 0, None
+    run.interrupts.stop_at_step_end = True
+    try:
         for step in range(start_step, schedule.total_steps):
             t0 = time.perf_counter()
             micro: list[TrainBatch | None] = []
             skipped = 0
             for _ in range(schedule.micro_batches(ctx.rank, step)):
-                batch, errors = next(batches)
+                batch, errors = next(run.batches)  # no local name: dropping run.batches stops the workers
                 skipped += sum(e.get("captions", 1) for e in errors)
                 for e in errors:
                     log.info(f"skipped a sample: {e['error']}")
                 micro.append(batch)  # None: every image of the micro-batch failed to load
             usable = [b for b in micro if b is not None]
             counts = torch.tensor([sum(b.num_tokens for b in usable), sum(b.num_captions for b in usable),
-                                   sum(b.num_real_tokens for b in usable), skipped, len(micro) - len(usable)],
-                                  dtype=torch.float64, device=ctx.device)
+                                   sum(b.num_real_tokens for b in usable), skipped, len(micro) - len(usable),
+                                   run.interrupts.requested], dtype=torch.float64, device=ctx.device)
             if ctx.distributed:
                 dist.all_reduce(counts)
+            if counts[5].item():  # Ctrl-C, here or in another process: all stop here, at the end of step `step`
+                run.interrupts.stop()
             skipped_total += int(counts[3].item())
             if counts[4].item():
                 log.info(f"step {step + 1}: {int(counts[4].item())} micro-batch(es) without a loadable image; "
@@ -222,7 +304,7 @@ def train(config: cfg.TrainConfig) -> Path:
             if ctx.distributed:
                 dist.all_reduce(loss_total)
             loss = loss_total.item() / n_tokens
-            done = step + 1
+            done = run.step = step + 1
             elapsed = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -237,23 +319,24 @@ def train(config: cfg.TrainConfig) -> Path:
                 best = _evaluate_during_training(done, loss_module, wrapped, optimizer, scheduler, processor, ctx,
                                                  config, log, best)
             if done % config.save_every == 0 or done == schedule.total_steps:
-                save_checkpoint(out, done, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
-        bar.close()
-        # Rank 0 may still be writing the last checkpoint, which the others must not look for yet (and which
-        # latest_checkpoint would take for a half-written leftover).
-        distributed.barrier(ctx)
-        if ctx.device.type == "cuda":
-            log.info(f"peak GPU memory {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GB")
-        final = latest_checkpoint(out)
-        log.info(f"done: adapter in {final}")
-        finished = True
-        return final
+                saved = out / checkpoint_name(done)
+                try:
+                    save_checkpoint(out, done, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
+                except BaseException:
+                    if saved.is_dir():  # complete once renamed: stopped while pruning the older ones
+                        run.checkpoint = (done, saved)
+                    raise
+                run.checkpoint = (done, saved)
     finally:
-        gc.unfreeze()
-        if log is not None:
-            log.close()  # on every path, before the teardown: flushes the logs, joins the TensorBoard writer's thread
-        # A barrier first when this process finished, none after an error (see distributed.shutdown).
-        distributed.shutdown(ctx, finished=finished)
+        run.interrupts.stop_at_step_end = False
+        bar.close()  # a message that follows (an interrupt) starts on a line of its own
+    # Rank 0 may still be writing the last checkpoint, which the others must not look for yet.
+    distributed.barrier(ctx)
+    if ctx.device.type == "cuda":
+        log.info(f"peak GPU memory {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GB")
+    final = run.checkpoint[1]
+    log.info(f"done: adapter in {final}")
+    return final
 
 
 def _evaluate_during_training(step, loss_module, wrapped, optimizer, scheduler, processor, ctx, config, log, best):
@@ -295,5 +378,5 @@ def _evaluate_during_training(step, loss_module, wrapped, optimizer, scheduler, 
         best, improved = box
     if improved:
         save_checkpoint(Path(config.out), step, loss_module, wrapped, optimizer, scheduler, ctx, config,
-                        {"best": best}, name="best")
+                        {"best": best}, name=BEST)
     return best

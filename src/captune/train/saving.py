@@ -11,6 +11,7 @@ from torch import nn
 
 from captune import distributed
 from captune.errors import CaptuneError
+from captune.fileio import save_safetensors
 from captune.train import config as cfg
 from captune.train.loss import CaptionLoss
 from captune.train.state import (
@@ -44,8 +45,6 @@ def adapter_state(model: nn.Module, trainable: dict | None) -> dict:
 
 def save_checkpoint(out: Path, step: int, loss_module: nn.Module, wrapped: nn.Module, optimizer, scheduler,
                     ctx: distributed.Context, config: cfg.TrainConfig, extra: dict, name: str | None = None) -> None:
-    from safetensors.torch import save_file
-
     sharded = config.fsdp and ctx.distributed
     trainable = trainable_state(wrapped) if sharded else None
     adapter = adapter_state(loss_module, trainable) if ctx.is_main else None  # gathered on rank 0 only
@@ -71,15 +70,15 @@ def save_checkpoint(out: Path, step: int, loss_module: nn.Module, wrapped: nn.Mo
     def write_adapter(folder: Path) -> None:
         peft_model.peft_config["default"].base_model_name_or_path = str(Path(config.model).resolve())
         peft_model.peft_config["default"].save_pretrained(str(folder))
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()},
-                  str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in adapter.items()},
+                         folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
     state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rngs, **extra}
     if sharded:  # resuming loads these into the shards; the PEFT file's names no longer match the wrapped model
         state["trainable"] = trainable
     write_checkpoint(out, name or checkpoint_name(step), write_adapter, state, out / cfg.RUN_CONFIG)
     if name is None:
-        prune_checkpoints(out, config.keep_checkpoints)
+        prune_checkpoints(out, config.keep_checkpoints, upto=step)
 
 
 def restore_checkpoint(path: Path, loss_module: CaptionLoss, wrapped, optimizer, scheduler, ctx, config) -> dict:

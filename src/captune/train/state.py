@@ -24,6 +24,7 @@ import torch
 from captune.fileio import delete_dir, recover_dirs, write_dir
 
 TRAINER_STATE = "trainer_state.pt"
+BEST = "best"  # the checkpoint of the best in-training evaluation, kept apart from the step checkpoints
 _NAME = re.compile(r"checkpoint-(\d+)\Z")
 
 
@@ -60,6 +61,21 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint folder, from its name (None for `best/`)."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_folders(out: Path) -> list[Path]:
+    """Every checkpoint folder in `out`, complete or not, and `best/` (after `recover_checkpoints`): what a run
+    that starts again from step 0 must not mix with its own."""
+    recover_checkpoints(out)
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_dir() and (_NAME.match(p.name) or p.name == BEST))
+
+
 def write_checkpoint(out: Path, name: str, write_adapter, state: dict[str, Any], run_config: Path | None) -> Path:
     """`write_adapter(folder)` saves the PEFT adapter; `state` is pickled beside it; then the rename."""
     recover_checkpoints(out)  # before write_dir may delete a `.NAME.old-*` that is the only copy of NAME
@@ -71,8 +87,12 @@ def write_checkpoint(out: Path, name: str, write_adapter, state: dict[str, Any],
     return out / name
 
 
-def prune_checkpoints(out: Path, keep: int) -> None:
-    for _, path in list_checkpoints(out)[:-keep] if keep > 0 else []:
+def prune_checkpoints(out: Path, keep: int, upto: int | None = None) -> None:
+    """Keep the newest `keep` step checkpoints (0: all). With `upto` (the step just saved) only those up to it count:
+    a newer one is no part of this run (`captune train` refuses to start again beside one), and never outnumbers
+    the checkpoint just written."""
+    found = [(step, path) for step, path in list_checkpoints(out) if upto is None or step <= upto]
+    for _, path in found[:-keep] if keep > 0 else []:
         delete_dir(path)  # renamed first: a kill half-way leaves no half-deleted folder under a checkpoint name
 
 
