@@ -35,11 +35,6 @@ class Lengths:
     unencodable: dict[int, str]  # sample index -> why it cannot be encoded
     exact: bool  # False when the fast path disagreed with real encodings and every sample was encoded for real
 
-    def packed(self, members: np.ndarray) -> int:
-        """Tokens of one image group packed with a shared prefix (`collate_shared`): 0 when nothing is supervised."""
-        branches = int(self.branch[members].sum())
-        return int(self.prefix[members[0]]) + branches if branches else 0
-
 
 def caption_tokens(table: SampleTable, processor, progress: bool = False) -> np.ndarray:
     """[N] the tokens of each caption sample's stretch of text (0 for other conversations): the slow part of

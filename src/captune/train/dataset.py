@@ -66,11 +66,12 @@ def group_samples(table: SampleTable, share: bool) -> Groups:
     return Groups(members, offsets)
 
 
-def should_share(table: SampleTable, mode: str) -> bool:
-    """`auto` shares when captions repeat an image and question (COCO: five per image)."""
+def should_share(table: SampleTable, mode: str, grouped: Groups | None = None) -> bool:
+    """`auto` shares when captions repeat an image and question (COCO: five per image); `grouped`: the table's
+    `group_samples(table, True)`, if already made."""
     if mode in ("on", "off"):
         return mode == "on"
-    return len(group_samples(table, True)) < len(table)
+    return len(grouped if grouped is not None else group_samples(table, True)) < len(table)
 
 
 def unit_lengths(groups: Groups, lengths: Lengths, shared: bool) -> np.ndarray:
@@ -185,6 +186,7 @@ def load_training_data(config, processor, log, ctx: distributed.Context | None =
     if len(keep) < len(table):
         table = SampleTable.of([table[i] for i in keep.tolist()])
         lengths = Lengths(lengths.total[keep], lengths.prefix[keep], lengths.branch[keep], {}, lengths.exact)
-    shared = should_share(table, config.share_prefix)
-    groups = group_samples(table, shared)
+    grouped = group_samples(table, True)
+    shared = should_share(table, config.share_prefix, grouped)
+    groups = grouped if shared else group_samples(table, False)
     return TrainingData(table, groups, unit_lengths(groups, lengths, shared), shared)
