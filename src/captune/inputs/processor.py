@@ -104,7 +104,7 @@ class Processor:
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """The answer as model.chat() returns it: up to the stop token, special tokens dropped, stripped; byte pieces
-        decoded as the original's SentencePiece decodes them (`decode_ids`)."""
+        decoded as the original's SentencePiece decodes them, spaces cleaned up as it does (`decode_ids`)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         if self.stop_token_id in ids:
             ids = ids[: ids.index(self.stop_token_id)]
@@ -129,11 +129,31 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2}|\+[0-9A-Fa-f])>")
 
 
 def decode_ids(tokenizer: Any, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-    """`tokenizer.decode(ids, skip_special_tokens=...)`, except that runs of byte-fallback pieces decode as
-    SentencePiece decodes them (see above), whatever the ids. Tokenizers without a `ByteFallback` decoder (byte-level
-    BPE, slow tokenizers) are decoded by `tokenizer.decode` as they are."""
+    """The text the original (transformers 4.37) decoding gives: `tokenizer.decode(ids, skip_special_tokens=...)`,
+    with runs of byte-fallback pieces decoded as SentencePiece decodes them (see above), and tokenization spaces
+    cleaned up (`clean_up_spaces`) when the tokenizer's `clean_up_tokenization_spaces` is on, as 4.37 does for any
+    tokenizer (transformers 5 skips it for BPE ones, e.g. Llama 3's). InternLM2's original tokenizer cleans up
+    always, so captune builds it with the flag on (`internvl.tokenizer`)."""
     ids = [int(i) for i in ids]
-    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    text = _decode_bytes_as_sentencepiece(tokenizer, ids, skip_special_tokens)
+    return clean_up_spaces(text) if getattr(tokenizer, "clean_up_tokenization_spaces", False) else text
+
+
+def clean_up_spaces(text: str) -> str:
+    """transformers 4.37's `clean_up_tokenization`, which the original pipeline applies to every caption of an
+    InternLM2 model (in `InternLM2Tokenizer.convert_tokens_to_string`). Written out here because transformers 5 keeps
+    it only for remote code and skips it for BPE tokenizers."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def _decode_bytes_as_sentencepiece(tokenizer: Any, ids: list[int], skip_special_tokens: bool) -> str:
+    """`tokenizer.decode` without clean-up, except that runs of byte pieces decode as SentencePiece decodes them,
+    whatever the ids. Tokenizers without a `ByteFallback` decoder (byte-level BPE, slow tokenizers) decode as they
+    are."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
     if "\ufffd" not in text:  # ByteFallback decodes a run differently only when it gives U+FFFD
         return text
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -147,12 +167,7 @@ def decode_ids(tokenizer: Any, ids: Iterable[int], skip_special_tokens: bool = T
     if len(cut) == len(tokens):
         return text
     plain, exact = decoder.decode(tokens), decoder.decode(cut)
-    if text == plain:
-        return exact
-    clean_up = getattr(tokenizer, "clean_up_tokenization", None)  # transformers' clean_up_tokenization_spaces
-    if clean_up is not None and text == clean_up(plain):
-        return clean_up(exact)
-    return text  # decoded some other way: leave it
+    return exact if text == plain else text  # else decoded some other way: leave it
 
 
 def _cut_byte_runs(tokens: list[str]) -> list[str]:

@@ -116,10 +116,12 @@ def _internlm2_tokenizer(folder: Path, config: dict[str, Any]) -> transformers.P
     if extra:
         kwargs["additional_special_tokens"] = extra
     # add_bos_token/add_eos_token are deliberately not passed: transformers would then rebuild the post-processor
-    # itself, and how it does so differs between versions.
+    # itself, and how it does so differs between versions. Clean-up on: InternLM2Tokenizer.convert_tokens_to_string
+    # cleans up tokenization spaces whatever its config says (captune's `decode_ids` does it; the flag is saved with
+    # the tokenizer, so converted and merged folders decode the same).
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-        clean_up_tokenization_spaces=False, padding_side=config.get("padding_side", "right"), **kwargs)
+        clean_up_tokenization_spaces=True, padding_side=config.get("padding_side", "right"), **kwargs)
 
 
 def _read_proto(file: Path) -> Any:
