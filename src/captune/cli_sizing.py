@@ -28,23 +28,29 @@ def plan(model: Path, gpus: AtLeast1 = 1, gpu_memory: Positive = 80.0, recipe: s
 
 
 def bench_eval(tokenizer: str | None = None, images: AtLeast1 = 640, baseline_images: AtLeast1 = 24,
-               batch_sizes: Annotated[str, Range(1, sep=",")] = "64,128", num_workers: AtLeast0 = 12,
+               batch_sizes: Annotated[str, Range(1, sep=",")] = "64", num_workers: AtLeast0 = 12,
+               new_tokens: AtLeast1 = 30, agreement_images: AtLeast0 = 128, profile: bool = False,
                device: str = "cuda", out: str | None = None) -> dict:
-    """Captioning: one image at a time (the original) vs batched (captune), end to end, same GPU, same run.
+    """Captioning end to end, same GPU, same run: (a) one image at a time (the original), (b) captune, (c) plain
+    transformers generate on the same batches; the captions' agreement and where (b)'s time goes.
 
     Args:
         tokenizer: an InternLM2 tokenizer folder (default: a compact stand-in)
-        images: images captioned by captune's batched path
+        images: images captioned by (b) and (c)
         baseline_images: images captioned one at a time (the original's way)
         batch_sizes: batch sizes to measure, comma-separated
         num_workers: image decoding workers
+        new_tokens: tokens generated per image (exactly: the work is fixed)
+        agreement_images: images also captioned at batch 1, to count the captions that batching changes
+        profile: also write a torch.profiler table of one batch (profile_eval.txt in OUT)
         device: the GPU to measure
         out: folder for bench_eval.json (default: only printed)
     """
-    from captune.demo.bench import bench_eval as run
+    from captune.demo.bench_eval import bench_eval as run
 
     return run(tokenizer, images=images, baseline_images=baseline_images,
-               batch_sizes=tuple(int(b) for b in batch_sizes.split(",")), workers=num_workers, device=device, out=out)
+               batch_sizes=tuple(int(b) for b in batch_sizes.split(",")), workers=num_workers, tokens=new_tokens,
+               agreement_images=agreement_images, profile=profile, device=device, out=out)
 
 
 def bench_train(tokenizer: str | None = None, steps: AtLeast1 = 8, token_budgets: Annotated[str, Range(1, sep=",")] =

@@ -155,8 +155,8 @@ def test_missing_annotation_file(tmp_path):
 @pytest.fixture(scope="module")
 def reference_eval(fixtures, tmp_path_factory):
     """`captune eval` on the 2B miniature and the fixture's own image file, default settings, with every call of
-    `generate` recorded: what the evaluation path really feeds the model."""
-    from transformers import InternVLForConditionalGeneration
+    the decoder recorded: what the evaluation path really feeds the model."""
+    from captune.eval.greedy import GreedyDecoder
 
     ref = json.loads((fixtures / "models" / "internvl2_2b_mini" / "chat_reference.json").read_text())
     images = fixtures / "tiling" / "images"
@@ -165,14 +165,15 @@ def reference_eval(fixtures, tmp_path_factory):
     (root / "gt.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [
         {"image_id": 1, "id": k, "caption": c} for k, c in enumerate(REFS)]}))
     calls = []
-    real_generate = InternVLForConditionalGeneration.generate
+    real_call = GreedyDecoder.__call__
 
-    def recording_generate(self, *args, **kwargs):
-        calls.append({k: v.clone() if hasattr(v, "clone") else v for k, v in kwargs.items()})
-        return real_generate(self, *args, **kwargs)
+    def recording_call(self, **inputs):
+        calls.append({**{k: v.clone() for k, v in inputs.items()},
+                      "settings": (self.stop, self.min_new, self.max_new)})
+        return real_call(self, **inputs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InternVLForConditionalGeneration, "generate", recording_generate)
+        mp.setattr(GreedyDecoder, "__call__", recording_call)
         code = main(["eval", str(fixtures / "models" / "internvl2_2b_mini"), "--test-json", str(root / "test.json"),
                      "--gt-json", str(root / "gt.json"), "--image-root", str(images), "--out", str(root / "out"),
                      "--num-workers", "0", "--device", "cpu"])
@@ -197,9 +198,9 @@ def test_eval_prompt_is_the_original_query(reference_eval, fixtures):
 
 
 def test_eval_decodes_as_the_original(reference_eval, fixtures):
-    """InternVL's evaluate_caption.py: greedy (no sampling, one beam), 8 to 30 new tokens, stop at <|im_end|>."""
+    """InternVL's evaluate_caption.py: greedy (the decoder's tokens are `generate`'s with do_sample=False, one beam:
+    tests/eval/test_greedy.py), 8 to 30 new tokens, stop at <|im_end|>."""
     _, calls, _ = reference_eval
-    config = calls[0]["generation_config"]
-    assert (config.do_sample, config.num_beams) == (False, 1)
-    assert (config.min_new_tokens, config.max_new_tokens) == (8, 30)
-    assert config.eos_token_id == 92542  # <|im_end|> in InternLM2's vocabulary
+    stop, min_new, max_new = calls[0]["settings"]
+    assert (min_new, max_new) == (8, 30)
+    assert stop == 92542  # <|im_end|> in InternLM2's vocabulary

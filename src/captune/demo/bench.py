@@ -1,4 +1,5 @@
-"""`captune bench eval|train`: speed on a GPU, the tutorial's way and captune's side by side in one run.
+"""`captune bench train` (and what `captune bench eval` shares): speed on a GPU, the tutorial's way and captune's side
+by side in one run.
 
     captune bench eval --tokenizer TOKENIZER_DIR --out runs/bench
     captune bench train --tokenizer TOKENIZER_DIR --out runs/bench
@@ -106,86 +107,22 @@ def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = (640, 480), se
     return paths
 
 
-def _cuda_sync(device: torch.device) -> None:
+def cuda_sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _peak_gb(device: torch.device) -> float:
+def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def _reset_peak(device: torch.device) -> None:
+def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _caption_run(model, processor, paths: list[Path], batch_size: int, workers: int, tokens: int) -> float:
-    """Wall seconds to caption `paths` end to end: JPEG decoding and tiling in workers, batched generation."""
-    from captune.data.evalsets import EvalImage
-    from captune.eval.evaluate import CaptionLog, EvalSettings, generate_captions
-
-    images = [EvalImage(i, p) for i, p in enumerate(paths)]
-    settings = EvalSettings(model="random", test_json="-", max_tiles=6, max_new_tokens=tokens, min_new_tokens=tokens)
-    with tempfile.TemporaryDirectory() as tmp:
-        log = CaptionLog(Path(tmp), 0, False)
-        _cuda_sync(model.device)
-        start = time.perf_counter()
-        generate_captions(model, processor, images, log, settings, batch_size, workers, progress=False)
-        _cuda_sync(model.device)
-        elapsed = time.perf_counter() - start
-        log.close()
-    return elapsed
-
-
-def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24,
-               batch_sizes: tuple[int, ...] = (64, 128), workers: int = 12, tokens: int = 30, device: str = "cuda", out: str | None = None,
-               model_config: dict | None = None) -> dict:
-    """(a) one image at a time, as InternVL's evaluate_caption.py; (b) captune's batched path. Same GPU, same run."""
-    from captune.devices import resolve_device
-
-    dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    processor = bench_processor(tokenizer)
-    model = random_model(dev, dtype, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                         model_config=model_config)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = synthetic_jpegs(Path(tmp) / "val2014", max(images, baseline_images))
-        n_tiles = processor.tile(paths[0], 6).shape[0]
-        _caption_run(model, processor, paths[:2], 1, 1, tokens)  # warm-up
-        _reset_peak(dev)
-        # InternVL's evaluate_caption.py: batch size 1, one DataLoader worker
-        a = _caption_run(model, processor, paths[:baseline_images], 1, 1, tokens)
-        peak_a = _peak_gb(dev)
-        runs = {}
-        for size in batch_sizes:
-            _caption_run(model, processor, paths[:size], size, workers, tokens)  # warm-up at full size
-            _reset_peak(dev)
-            try:
-                seconds = _caption_run(model, processor, paths[:images], size, workers, tokens)
-            except torch.cuda.OutOfMemoryError:
-                runs[size] = {"error": "out of memory"}
-                torch.cuda.empty_cache()
-                continue
-            runs[size] = {"seconds": seconds, "peak_gb": _peak_gb(dev)}
-    result = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "tiles_per_image": n_tiles, "new_tokens": tokens, "images": images, "workers": workers,
-        "a_one_at_a_time": {"images": baseline_images, "seconds": a, "images_per_s": baseline_images / a,
-                            "peak_gb": peak_a},
-    }
-    for size, run in runs.items():
-        if "seconds" in run:
-            run["images_per_s"] = images / run["seconds"]
-            run["speedup"] = run["images_per_s"] / result["a_one_at_a_time"]["images_per_s"]
-            run["coco_test_5000_minutes"] = 5000 / run["images_per_s"] / 60
-        result[f"b_captune_batch{size}"] = run
-    _report(result, out, "bench_eval.json")
-    return result
-
-
-def _report(result: dict, out: str | None, name: str) -> None:
+def report(result: dict, out: str | None, name: str) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if out:
@@ -246,15 +183,15 @@ def _time_training(loss_module, optimizer, batches, device, warmup: int, steps: 
         optimizer.zero_grad(set_to_none=True)
 
     if reset:
-        _reset_peak(device)  # frees the previous variant's cached blocks
+        reset_peak(device)  # frees the previous variant's cached blocks
     run(warmup, 0)
-    _cuda_sync(device)
+    cuda_sync(device)
     if device.type == "cuda":  # the timed steps reuse the warm-up's memory, as a training run does
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     run(steps, warmup)
-    _cuda_sync(device)
-    return (time.perf_counter() - start) / steps, _peak_gb(device)
+    cuda_sync(device)
+    return (time.perf_counter() - start) / steps, peak_gb(device)
 
 
 def _profile(loss_module, optimizer, batches, device, path: Path) -> None:
@@ -394,5 +331,5 @@ def bench_train(tokenizer: str | None = None, steps: int = 8, warmup: int = 3, b
     for v in result["variants"].values():
         if base and "caption_samples_per_s" in v:
             v["speedup_vs_a"] = v["caption_samples_per_s"] / base
-    _report(result, out, "bench_train.json")
+    report(result, out, "bench_train.json")
     return result

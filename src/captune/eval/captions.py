@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captune.data.evalsets import EvalImage
 from captune.errors import CaptuneError, ignore_interrupts_in_worker
-from captune.eval.generate import GenerationSettings, generate_ids
+from captune.eval.generate import Captioner, GenerationSettings
 from captune.fileio import write_text_atomic
 from captune.inputs.processor import DEFAULT_QUESTION, Processor
 from captune.inputs.tiling import load_image
@@ -158,6 +158,7 @@ def generate_captions(
     batch_size: int,
     num_workers: int,
     progress: bool = True,
+    engine: str = "static",
 ) -> tuple[int, int]:
     """Caption `images` in batches, logging each batch as soon as it is done; return (captioned, skipped)."""
     from tqdm import tqdm
@@ -177,12 +178,12 @@ def generate_captions(
     gen = GenerationSettings(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens)
     captioned = skipped = 0
     bar = tqdm(total=len(ordered), desc="captioning", unit="img", disable=not progress, dynamic_ncols=True)
+    captioner = Captioner(model, processor, gen, batch_size, engine)
     try:
         for chunk in loader:
             rows = []
             if chunk["batch"] is not None:
-                new_ids = generate_ids(model, processor, chunk["batch"], gen).cpu()
-                rows = [{**item, "caption": processor.decode(ids)} for item, ids in zip(chunk["items"], new_ids)]
+                rows = [{**item, "caption": caption} for item, caption in zip(chunk["items"], captioner(chunk["batch"]))]
             for err in chunk["errors"]:
                 tqdm.write(f"captune: skipped {err['error']}")
             log.add(rows, [{"image_id": e["image_id"], "image": e["image"], "reason": e["error"]}
@@ -191,5 +192,6 @@ def generate_captions(
             skipped += len(chunk["errors"])
             bar.update(len(rows) + len(chunk["errors"]))
     finally:
+        captioner.close()
         bar.close()
     return captioned, skipped

@@ -32,21 +32,66 @@ def generation_config(processor: Processor, settings: GenerationSettings):
     )
 
 
-@torch.inference_mode()
-def generate_ids(model, processor: Processor, batch: dict[str, torch.Tensor], settings: GenerationSettings) -> torch.Tensor:
-    """The new token ids `[B, <= max_new_tokens]` for a collated (left-padded) batch."""
+ENGINES = ("static", "generate")
+
+
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch on the model's (input) device, tiles normalised there in the model's dtype."""
     device = model.device
-    inputs = {
+    return {
         "input_ids": batch["input_ids"].to(device, non_blocking=True),
         "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
         "pixel_values": normalize(batch["pixel_values"].to(device, non_blocking=True)).to(model.dtype),
     }
+
+
+@torch.inference_mode()
+def generate_ids(model, processor: Processor, batch: dict[str, torch.Tensor], settings: GenerationSettings) -> torch.Tensor:
+    """The new token ids `[B, <= max_new_tokens]` of a collated (left-padded) batch, by transformers' `generate`."""
+    inputs = model_inputs(model, batch)
     out = model.generate(**inputs, generation_config=generation_config(processor, settings))
     return out[:, inputs["input_ids"].shape[1] :]
 
 
-def caption_batch(model, processor: Processor, batch: dict[str, torch.Tensor], settings: GenerationSettings) -> list[str]:
-    return [processor.decode(row) for row in generate_ids(model, processor, batch, settings)]
+class Captioner:
+    """Collated batches to captions. `engine`: "static", captune's decoder (`eval/greedy.py`: a static cache and,
+    on one GPU, a CUDA-graphed step), or "generate", transformers' `generate` (the same tokens; used for attention
+    implementations other than SDPA, whose masks the static decoder does not build). Holds the decoder's buffers
+    until `close` (or the end of a `with` block)."""
+
+    def __init__(self, model, processor: Processor, settings: GenerationSettings, batch_size: int,
+                 engine: str = "static"):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+        attn = getattr(model.config.get_text_config(), "_attn_implementation", "sdpa")
+        if settings.num_beams != 1 or attn != "sdpa":
+            engine = "generate"
+        self.model, self.processor, self.settings, self.engine = model, processor, settings, engine
+        self.decoder = None
+        if engine == "static":
+            from captune.eval.greedy import GreedyDecoder
+
+            self.decoder = GreedyDecoder(model, processor.stop_token_id, processor.pad_token_id,
+                                         settings.max_new_tokens, settings.min_new_tokens, batch_size)
+
+    def ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The new token ids `[B, <= max_new_tokens]` of a collated batch, on the CPU."""
+        if self.decoder is None:
+            return generate_ids(self.model, self.processor, batch, self.settings).cpu()
+        return self.decoder(**model_inputs(self.model, batch)).cpu()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        return [self.processor.decode(row) for row in self.ids(batch)]
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+
+    def __enter__(self) -> Captioner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # A backslash, and what would break a caption over several lines (where `str.splitlines` splits), as Python writes them.
@@ -73,8 +118,7 @@ def caption_images(
 
     question = question or DEFAULT_QUESTION
     captions: list[str] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        batch = processor(chunk, question=question, max_tiles=max_tiles)
-        captions += caption_batch(model, processor, batch, settings)
+    with Captioner(model, processor, settings, batch_size) as captioner:
+        for start in range(0, len(images), batch_size):
+            captions += captioner(processor(images[start : start + batch_size], question=question, max_tiles=max_tiles))
     return captions

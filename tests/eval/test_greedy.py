@@ -1,0 +1,62 @@
+"""captune's static-cache decoder gives transformers' `generate` tokens: the minimum length, the stop token, padding
+after it, left-padded rows of different tile counts, and buffers reused across batches of other shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import captune
+from captune.eval.generate import Captioner, GenerationSettings, model_inputs
+from captune.eval.greedy import GreedyDecoder
+
+
+@pytest.fixture(scope="module")
+def mini(fixtures):
+    model, processor = captune.load(fixtures / "models" / "internvl2_2b_mini", dtype="fp32")
+    images = [Image.open(p).convert("RGB") for p in sorted((fixtures / "tiling" / "images").iterdir())]
+    images += [images[0].resize((640, 640)), images[0].resize((640, 360)), images[1].rotate(90)]
+    return model, processor, images
+
+
+def _generate(model, inputs, stop: int, pad: int, max_new: int, min_new: int) -> torch.Tensor:
+    out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new, min_new_tokens=min_new,
+                         eos_token_id=stop, pad_token_id=pad)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+# The miniature's captions repeat tokens 486 and 267 (its weights are random): taken as the stop token, each row
+# stops at its own step, some below the minimum length.
+@pytest.mark.parametrize("stop,min_new", [(486, 4), (267, 1), (28, 3)])
+def test_decoder_equals_generate(mini, stop, min_new):
+    model, processor, images = mini
+    inputs = model_inputs(model, processor(images, max_tiles=6))
+    assert not bool(inputs["attention_mask"].all())  # rows are left-padded
+    expected = _generate(model, inputs, stop, processor.pad_token_id, 12, min_new)
+    decoder = GreedyDecoder(model, stop, processor.pad_token_id, 12, min_new, batch_size=len(images))
+    got = decoder(**inputs)
+    assert torch.equal(got, expected)
+    assert (expected == processor.pad_token_id).any()  # some rows stopped early: padding is checked
+
+
+def test_decoder_reused_across_batches(mini):
+    """One decoder for batches of other sizes and prompt lengths (as eval sends them) gives each batch's
+    `generate` tokens: buffers, positions and masks of the earlier batch leave nothing behind."""
+    model, processor, images = mini
+    decoder = GreedyDecoder(model, 486, processor.pad_token_id, 10, 2, batch_size=4)
+    for chunk in (images[:4], images[4:5], images[2:5], images[:6]):
+        inputs = model_inputs(model, processor(chunk, max_tiles=6))
+        expected = _generate(model, inputs, 486, processor.pad_token_id, 10, 2)
+        assert torch.equal(decoder(**inputs), expected)
+
+
+def test_captioner_engines_agree(mini):
+    model, processor, images = mini
+    batch = processor(images, max_tiles=6)
+    settings = GenerationSettings(max_new_tokens=8, min_new_tokens=2)
+    with Captioner(model, processor, settings, len(images)) as static:
+        assert static.engine == "static"
+        captions = static(batch)
+    with Captioner(model, processor, settings, len(images), engine="generate") as plain:
+        assert plain(batch) == captions
