@@ -129,7 +129,8 @@ def test_help_shows_the_default_that_applies_and_no_noise():
         assert "(default: False)" not in text and "(default: True)" not in text, path  # argparse's own, not ours
     eval_help = _help_of(("eval",))
     assert "--max-tiles TILES dynamic tiling: at most this many tiles (+ a thumbnail) (default 6)" in eval_help
-    assert "--batch-size SIZE images per batch (default 64 on a GPU, 4 on the CPU) --limit" in eval_help  # computed
+    assert ("--batch-size SIZE images per batch (default 64 on a GPU, or the largest of 32, 16, 8 that fits; 4 on the "
+            "CPU) --limit") in eval_help  # computed
     assert "--verify, --no-verify check the merged logits" in _help_of(("merge",))
     assert "(default true)" in _help_of(("merge",)).split("--verify, --no-verify")[1][:200]
     assert "--force, --no-force replace a non-empty OUT (default false)" in _help_of(("convert",))
@@ -249,13 +250,13 @@ CALLS = [
      {"out": "d", "train_images": 200, "test_images": 50, "epochs": 2.0, "force": True}),
     (["caption", "m", "a.jpg", "b.jpg", "--max-tiles", "2", "--batch-size", "3", "--question", "q?"], "caption",
      {"model": "m", "images": ["a.jpg", "b.jpg"], "question": "q?", "max_tiles": 2, "max_new_tokens": 30,
-      "min_new_tokens": 8, "batch_size": 3, "device": "auto", "dtype": "auto"}),
+      "min_new_tokens": 8, "batch_size": 3, "device": "auto", "dtype": "auto", "gpus_per_model": "auto"}),
     (["convert", "s", "o", "--to", "internvl", "--no-force"], "convert",
      {"src": Path("s"), "out": Path("o"), "to": "internvl", "force": False}),
     (["eval", "m", "--data", "d", "--limit", "5", "--spice", "--num-workers", "0", "--dtype", "fp32"], "evaluate",
      {"model": "m", "data": "d", "test_json": None, "gt_json": None, "image_root": None, "out": None, "max_tiles": 6,
       "batch_size": None, "limit": 5, "device": "auto", "dtype": "fp32", "spice": True, "num_workers": 0,
-      "force": False}),
+      "force": False, "gpus_per_model": "auto"}),
     (["score", "r.json", "gt.json", "--out", "m.json"], "score",
      {"results": "r.json", "gt": "gt.json", "spice": False, "out": "m.json"}),
     (["data", "coco", "--karpathy", "k.json", "--image-root", "img", "--out", "ann"], "data_coco",
@@ -270,9 +271,10 @@ CALLS = [
       "device": "auto"}),
     (["verify-merge", "a", "m", "--device", "cpu"], "verify_merge",
      {"adapter": "a", "merged": "m", "base": None, "device": "cpu"}),
-    (["bench", "eval", "--images", "8", "--batch-sizes", "2,4", "--num-workers", "1"], "bench_eval",
-     {"tokenizer": None, "images": 8, "baseline_images": 24, "batch_sizes": "2,4", "num_workers": 1, "device": "cuda",
-      "out": None}),
+    (["bench", "eval", "--images", "8", "--batch-sizes", "2,4", "--num-workers", "1", "--new-tokens", "5",
+      "--profile"], "bench_eval",
+     {"tokenizer": None, "images": 8, "baseline_images": 24, "batch_sizes": "2,4", "num_workers": 1, "new_tokens": 5,
+      "agreement_images": 128, "profile": True, "device": "cuda", "out": None}),
     (["bench", "train", "--token-budgets", "4096", "--brief", "--steps", "2"], "bench_train",
      {"tokenizer": None, "steps": 2, "token_budgets": "4096", "device": "cuda", "out": None, "brief": True}),
 ]

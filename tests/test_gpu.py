@@ -67,3 +67,70 @@ def test_compiled_training_step_equals_eager(tmp_path):
     assert tp.rel(loss_b, loss_a) < 5e-3
     for name in grads_a:
         assert tp.rel(grads_b[name], grads_a[name]) < 5e-2, name
+
+
+def test_graphed_decoder_equals_eager_and_generate(fixtures):
+    """On a GPU the decode step is one CUDA-graph replay: the same tokens as the same step run eagerly, in float32
+    the tokens of transformers' `generate` (left-padded rows of different tile counts, a frequent token as stop
+    so that rows end at different steps), and the buffers reused for a smaller, shorter batch."""
+    from PIL import Image
+
+    import captune
+    from captune.eval.generate import model_inputs
+    from captune.eval.greedy import GreedyDecoder
+
+    model, processor = captune.load(fixtures / "models" / "internvl2_2b_mini", dtype="fp32", device="cuda")
+    images = [Image.open(p).convert("RGB") for p in sorted((fixtures / "tiling" / "images").iterdir())]
+    images += [images[0].resize((640, 640)), images[0].resize((640, 360)), images[1].rotate(90)]
+    graphed = GreedyDecoder(model, 486, processor.pad_token_id, 12, 4, batch_size=len(images))
+    eager = GreedyDecoder(model, 486, processor.pad_token_id, 12, 4, batch_size=len(images), graphs=False)
+    assert graphed.graphs
+    for chunk in (images, images[1:4]):
+        inputs = model_inputs(model, processor(chunk, max_tiles=6))
+        expected = model.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=4, eos_token_id=486,
+                                  pad_token_id=processor.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+        got = graphed(**inputs)
+        assert graphed.graph is not None
+        assert torch.equal(got, eager(**inputs))
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_model_over_two_gpus_captions_as_on_one(tmp_path, capsys):
+    """A model that fits one GPU, spread over two (`--gpus-per-model 2`: vision tower, embeddings and the first
+    layers on cuda:0, the rest and the LM head on cuda:1), gives the captions of the one-GPU model: captune's
+    batched path and transformers' `generate`, on left-padded batches of different tile counts, and the command."""
+    from pathlib import Path
+
+    import numpy as np
+
+    import captune
+    from captune.cli import main
+    from captune.data.synthetic import random_scene, render_scene
+    from captune.eval.generate import GenerationSettings, generate_ids
+    from captune.internvl.placement import assign_gpus
+
+    base = Path(captune.__file__).resolve().parent / "demo" / "assets" / "demo_base"
+    rng = np.random.default_rng(5)
+    images = [render_scene(random_scene(rng), (112 * (1 + i % 3), 112 * (1 + i % 2))) for i in range(12)]
+    gpus = assign_gpus(base, 2, "cuda", batch_size=4, processes=1)
+    assert set(gpus.device_map.values()) == {torch.device("cuda", 0), torch.device("cuda", 1)}
+    one, processor = captune.load(base, dtype="bf16", device="cuda:0")
+    two, _ = captune.load(base, dtype="bf16", device_map=gpus.device_map)
+    assert two.device == torch.device("cuda", 0) and two.lm_head.weight.device == torch.device("cuda", 1)
+    assert two.model.vision_tower.embeddings.patch_embeddings.projection.weight.device == torch.device("cuda", 0)
+    settings = GenerationSettings(max_new_tokens=20, min_new_tokens=4)
+    expected = captune.caption_images(one, processor, images, batch_size=4, settings=settings)
+    assert captune.caption_images(two, processor, images, batch_size=4, settings=settings) == expected
+    assert len(set(expected)) > 1
+    batch = processor(images[:4], max_tiles=6)
+    assert torch.equal(generate_ids(two, processor, batch, settings).cpu(),
+                       generate_ids(one, processor, batch, settings).cpu())
+    paths = [str(tmp_path / f"{i}.png") for i in range(4)]
+    for image, path in zip(images, paths):
+        image.save(path)
+    printed = []
+    for k in ("1", "2"):
+        assert main(["caption", str(base), *paths, "--gpus-per-model", k, "--batch-size", "4"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and len(printed[0].splitlines()) == 4

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from captune import cli_args, cli_sizing
-from captune.cli_args import AtLeast0, AtLeast1, Positive, Range
+from captune.cli_args import AtLeast0, AtLeast1, AutoOrCount, Positive, Range
 from captune.errors import CaptuneError, Interrupted
 
 EXIT_USER_ERROR = 2
@@ -64,7 +64,8 @@ def demo(out: str = "runs/demo", train_images: Annotated[int, Range(8)] = 200, t
 
 def caption(model: str, images: list[str], question: str | None = None, max_tiles: AtLeast1 = 6,
             max_new_tokens: AtLeast1 = 30, min_new_tokens: Annotated[int, Range(0, not_above="max_new_tokens")] = 8,
-            batch_size: AtLeast1 = 8, device: str = "auto", dtype: str = "auto") -> list[str]:
+            batch_size: AtLeast1 = 8, device: str = "auto", dtype: str = "auto",
+            gpus_per_model: AutoOrCount = "auto") -> list[str]:
     """Caption images: one line per image, in order (greedy, as InternVL2's `model.chat()`).
 
     A caption's line breaks are escaped so that it stays on its line: a newline is printed as the two characters
@@ -80,13 +81,16 @@ def caption(model: str, images: list[str], question: str | None = None, max_tile
         batch_size: images captioned together
         device: cuda, cpu or auto (a GPU if there is one)
         dtype: bf16, fp16, fp32 or auto (bf16 on a GPU, fp32 on the CPU)
+        gpus_per_model: spread the model over K GPUs (auto: the fewest that hold it at --batch-size)
     """
     from captune.eval.generate import GenerationSettings, caption_images, one_line
     from captune.inputs.tiling import load_image
     from captune.internvl.load import load
+    from captune.internvl.placement import assign_gpus
 
+    gpus = assign_gpus(model, gpus_per_model, device, batch_size, dtype=dtype, processes=1)
     pictures = [load_image(p) for p in images]  # fail on a bad image before loading a large model
-    net, processor = load(model, dtype=dtype, device=device)
+    net, processor = load(model, dtype=dtype, device=gpus.device, device_map=gpus.device_map)
     if processor is None:
         raise CaptuneError("has no tokenizer files; cannot caption", model)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
@@ -174,7 +178,7 @@ def evaluate(model: str, data: str | None = None, test_json: str | None = None, 
              image_root: str | None = None, out: str | None = None, max_tiles: AtLeast1 = 6,
              batch_size: AtLeast1 | None = None, limit: AtLeast1 | None = None, device: str = "auto",
              dtype: str = "auto", spice: bool = False, num_workers: AtLeast0 | None = None,
-             force: bool = False) -> dict | None:
+             force: bool = False, gpus_per_model: AutoOrCount = "auto") -> dict | None:
     """COCO Caption benchmark: caption the test set and score it (also under torchrun).
 
     Writes results.json, metrics.json and report.html; running the command again resumes.
@@ -187,18 +191,20 @@ def evaluate(model: str, data: str | None = None, test_json: str | None = None, 
         image_root: folder the image paths are relative to (default: --data, else the folder of --test-json)
         out: output folder (default runs/eval-MODELNAME)
         max_tiles: dynamic tiling: at most this many tiles (+ a thumbnail)
-        batch_size: images per batch (default 64 on a GPU, 4 on the CPU)
+        batch_size: images per batch (default 64 on a GPU, or the largest of 32, 16, 8 that fits; 4 on the CPU)
         limit: only the first N test images (default: all)
         device: cuda, cpu or auto (under torchrun: this process's GPU)
         dtype: bf16, fp16, fp32 or auto (bf16 on a GPU, fp32 on the CPU)
         spice: also SPICE (downloads Stanford CoreNLP on first use)
         num_workers: image decoding workers (default min(8, CPUs))
         force: discard captions already in --out and start again
+        gpus_per_model: spread each model over K GPUs (auto: the fewest that hold it); under torchrun each process
+            takes K consecutive GPUs, so --nproc-per-node x K GPUs in all
     """
     from captune.eval.evaluate import evaluate as run
 
     return run(model, data, test_json, gt_json, image_root, out, max_tiles, batch_size, limit, device, dtype, spice,
-               num_workers, force=force)
+               num_workers, force=force, gpus_per_model=gpus_per_model)
 
 
 def score(results: str, gt: str, spice: bool = False, out: str | None = None) -> dict:
@@ -223,7 +229,7 @@ def train(recipe: str | None, overrides: dict[str, str]) -> Path:
     configuration is written to OUT/captune.yaml before training starts.
 
     Args:
-        recipe: a shipped recipe name or a YAML file (default: the COCO recipe)
+        recipe: a shipped recipe name or a YAML file (default: the COCO recipe of the model's size)
         overrides: option -> value typed on the command line, over the recipe's
     """
     from captune.train import config
@@ -234,7 +240,7 @@ def train(recipe: str | None, overrides: dict[str, str]) -> Path:
 
 def _add_train(subparsers: argparse._SubParsersAction, name: str, func: Callable, recipe: str | None) -> None:
     """One option per field of TrainConfig, each with its help and the value that will apply: the recipe's
-    (`--recipe` on the same command line, else the default one)."""
+    (`--recipe` on the same command line, else the one of `--model`'s size, else the tutorial's)."""
     from captune.train import config
 
     default = config.TrainConfig.recipe
@@ -246,7 +252,8 @@ def _add_train(subparsers: argparse._SubParsersAction, name: str, func: Callable
     p = subparsers.add_parser(name, help=summary, description=f"{summary}\n\n{details}",
                               formatter_class=cli_args.HelpFormatter)
     p.add_argument("--recipe", default=None,
-                   help=f"{config.HELP['recipe']} (default {default}; shipped: {', '.join(config.recipe_names())})")
+                   help=f"{config.HELP['recipe']} (default: internvl2_<size>_coco_lora for an InternVL2 release of that "
+                        f"size, else {default}; shipped: {', '.join(config.recipe_names())})")
     cli_args.add_config_options(p, config.TrainConfig, config.HELP, applies, required=config.REQUIRED,
                                 skip=("recipe",), aliases=ALIASES["*"])
     fields = set(config.TrainConfig.__dataclass_fields__) - {"recipe"}
@@ -329,6 +336,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"captune {cli_args.installed_version('captune')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     recipe = cli_args.option_value(argv, "--recipe")  # train's help shows that recipe's values
+    if recipe is None and list(argv[:1]) == ["train"] and (model := cli_args.option_value(argv, "--model")):
+        from captune.train.config import default_recipe
+
+        recipe = default_recipe(model)  # else the recipe of the model's size
     cli_args.add_commands(sub, _commands(), ALIASES,
                           builders={"train": lambda s, name, func: _add_train(s, name, func, recipe)})
     return parser

@@ -63,6 +63,18 @@ class Range:
         return "must be " + " and ".join(parts)
 
 
+class AutoOrCount(str):
+    """`auto` or a whole number at least 1, passed on as the string typed (`--gpus-per-model K`); anything else is an
+    argparse error. As an annotation it is the option's type (its values a plain str) and metavar."""
+
+    metavar = "K"
+
+    def __new__(cls, text: str) -> str:  # type: ignore[misc]
+        if text != "auto" and not (text.isdigit() and int(text) >= 1):
+            raise argparse.ArgumentTypeError(f"must be auto or a whole number at least 1, got {text!r}")
+        return str(text)
+
+
 AtLeast0 = Annotated[int, Range(0)]  # a count that may be zero (--num-workers 0: in the main process)
 AtLeast1 = Annotated[int, Range(1)]  # a count of one or more (--max-tiles, --batch-size, images)
 Positive = Annotated[float, Range(0, min_open=True)]  # a quantity above zero (--epochs)
@@ -248,7 +260,7 @@ def add_argument(parser: argparse.ArgumentParser, param: inspect.Parameter, hint
     elif param.default not in (None, "") and "(default" not in text:
         text += f" (default {shown(param.default)})"
     if kind is not bool and "choices" not in kwargs:
-        kwargs["metavar"] = param.name.split("_")[-1].upper()  # --max-tiles TILES, as train's options
+        kwargs["metavar"] = getattr(kind, "metavar", None) or param.name.split("_")[-1].upper()  # --max-tiles TILES
     names = ["--" + param.name.replace("_", "-"), *aliases]
     action = parser.add_argument(*names, dest=param.name, required=required,
                                  default=None if required else param.default, **kwargs)

@@ -1,4 +1,6 @@
-"""One process or many: the same commands run plainly or under `torchrun --nproc-per-node N`."""
+"""One process or many: the same commands run plainly or under `torchrun --nproc-per-node N`, on one node or on
+several (`--nnodes`); `rank` is the global rank, the one that decides what is written, `local_rank` only picks the
+GPU."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from captune.devices import resolve_device
+from captune.errors import CaptuneError
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,14 @@ class Context:
 
 
 def init(device: str | None = "auto") -> Context:
-    """Read torchrun's environment; start the process group (NCCL on GPUs, gloo on CPUs) when there are several."""
+    """Read torchrun's environment; start the process group (NCCL on GPUs, gloo on CPUs) when there are several.
+
+    Several Slurm tasks without torchrun's environment (`srun -N 2 captune train ...`) are refused: each would be
+    a whole run of its own, all writing the same folder; torchrun is started once per node instead."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or "1")
+    if tasks > 1 and "WORLD_SIZE" not in os.environ:
+        raise CaptuneError(f"started as {tasks} Slurm tasks without torchrun: each would run alone; start torchrun "
+                           "once per node (srun torchrun --nnodes ...; see examples/slurm/captune.sbatch)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -44,6 +54,36 @@ def init(device: str | None = "auto") -> Context:
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def disagreement(ctx: Context, value: str) -> str | None:
+    """Every process's `value` compared: None when all are the same (or there is one process), else which ranks
+    have which ("rank 0: A; rank 1 and 6 more: B"), for one error that every process then raises. For what each
+    process reads from files that must be the same everywhere (the run folder, the data): on several nodes they
+    differ when a folder is not shared, and processes that decide differently would train different runs or wait
+    for each other forever."""
+    if not ctx.distributed:
+        return None
+    values: list = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    ranks: dict[str, list[int]] = {}
+    for rank, seen in enumerate(values):
+        ranks.setdefault(seen, []).append(rank)
+    if len(ranks) == 1:
+        return None
+    return "; ".join(f"rank {r[0]}" + (f" and {len(r) - 1} more" if len(r) > 1 else "") + f": {seen}"
+                     for seen, r in ranks.items())
+
+
+def same_everywhere(ctx: Context, seen: str, error: BaseException | None = None) -> None:
+    """Go on only if every process found the same at its start (`seen`: what it read, or its error): else every
+    process raises one error saying which ranks saw what. Then this process's own `error`, if any, is raised."""
+    differ = disagreement(ctx, seen)
+    if differ:
+        raise CaptuneError(f"the processes see different files ({differ}): on several nodes every node must see "
+                           "the same model and data, and the output folder must be one folder that all of them share")
+    if error is not None:
+        raise error
 
 
 def shutdown(ctx: Context, finished: bool = False) -> None:

@@ -486,3 +486,23 @@ def test_image_check_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     opened.clear()
     check_samples(samples, decode_images=True, progress=False, cache=cache)  # a header check does not stand for decoding
     assert len(opened) == 4
+
+
+def test_a_process_that_does_not_own_the_image_check_cache_only_reads_it(tmp_path):
+    """Under torchrun only global rank 0 writes the run folder: another process (on another node, with its own copy of
+    the images: other modification times) checks the images itself but leaves rank 0's cache as it is."""
+    import os
+
+    from captune.data.check import check_samples
+
+    image = tmp_path / "0.jpg"
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(image)
+    samples = [Sample(image, ({"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "c"}))]
+    cache = tmp_path / "run" / "image_check.json"
+    check_samples(samples, decode_images=False, progress=False, cache=cache, update_cache=False)
+    assert not cache.exists()
+    check_samples(samples, decode_images=False, progress=False, cache=cache)
+    written = cache.read_text()
+    os.utime(image, ns=(1, 1))  # another node's copy of the same image
+    other = check_samples(samples, decode_images=False, progress=False, cache=cache, update_cache=False)
+    assert len(other.samples) == 1 and cache.read_text() == written

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers.forbid import forbid
+
 from captune.cli import main
 
 REFS = ["a picture of a scene", "an image with some shapes", "a scene with colours", "a photo", "some objects"]
@@ -38,12 +40,8 @@ def data(tmp_path_factory, fixtures) -> Path:
 @pytest.fixture
 def no_captioning(monkeypatch):
     """Captioning (or loading the model to caption) would be a failure: the start must fail before it."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("an image was captioned before the start failed")
-
-    monkeypatch.setattr("captune.eval.evaluate.generate_captions", fail)
-    monkeypatch.setattr("captune.internvl.load.load", fail)
+    forbid(monkeypatch, ["captune.eval.evaluate.generate_captions", "captune.internvl.load.load"],
+           "an image was captioned before the start failed")
 
 
 def model_without_tokenizer(fixtures: Path, folder: Path) -> Path:

@@ -86,3 +86,20 @@ def test_a_recipe_for_another_size_is_refused(size):
                 P.check_recipe_size(f"internvl2_{other}_coco_lora", size)
     P.check_recipe_size(f"internvl2_{size}_coco_lora", size)
     P.check_recipe_size("tiny_cpu_lora", size)
+
+
+def test_default_recipe_is_the_model_sizes(tmp_path):
+    """Without --recipe, a release gets its size's recipe (from config.json alone); any other model, or a folder
+    that cannot be read, the tutorial's 2B recipe."""
+    from captune.train import config as cfg
+
+    releases = Path(__file__).parents[1] / "internvl" / "releases"
+    sizes = {"InternVL2-1B": "1b", "InternVL2-2B": "2b", "InternVL2-4B": "4b", "InternVL2-8B": "8b",
+             "InternVL2-26B": "26b", "InternVL2-40B": "40b", "InternVL2-Llama3-76B": "76b"}
+    for name, size in sizes.items():
+        assert cfg.default_recipe(str(releases / name)) == f"internvl2_{size}_coco_lora"
+    assert cfg.default_recipe(str(tmp_path)) == cfg.default_recipe(None) == "internvl2_2b_coco_lora"
+    resolved = cfg.resolve(None, {"model": str(releases / "InternVL2-8B"), "data": "d", "out": "o"})
+    assert (resolved.recipe, resolved.lora_rank) == ("internvl2_8b_coco_lora", 16)
+    assert cfg.resolve("internvl2_2b_coco_lora", {"model": str(releases / "InternVL2-8B"), "data": "d",
+                                                  "out": "o"}).lora_rank == 128  # --recipe still decides

@@ -43,14 +43,17 @@ def check_samples(
     workers: int = 0,
     progress: bool = True,
     cache: Path | None = None,
+    update_cache: bool = True,
 ) -> CheckReport:
     """Keep the samples whose image is readable, and say how large each image is.
 
     Each distinct image is opened once: fully decoded with `decode_images` (finds truncated files), else only its
     header (fast, for the start of training). `workers` > 0 spreads the images over a process pool. With `cache` (a
     JSON file; training keeps one in its run folder) what was found is kept, keyed by path, size and modification
-    time, and a file that has not changed since is not opened again: a resumed run only `stat`s the images. (The
-    processes of a fresh torchrun start still each open them: they check at the same time.)
+    time, and a file that has not changed since is not opened again: a resumed run only `stat`s the images.
+    `update_cache=False` only reads it: under torchrun the main process alone writes the run folder (the others
+    find its results there; on another node with its own copy of the data, other modification times make them
+    check again, and they must not overwrite its cache with theirs).
     """
     images = list(dict.fromkeys(s.image for s in samples))
     known = _read_cache(cache, decode_images) if cache is not None else {}
@@ -60,7 +63,7 @@ def check_samples(
     fresh = set(todo)
     results = {image: tuple(known[str(image)][1]) for image in images if image not in fresh}
     results.update(_inspect_images(todo, decode_images, workers, progress))
-    if cache is not None and todo:
+    if cache is not None and todo and update_cache:
         _write_cache(cache, decode_images, {str(image): (stats[image], results[image]) for image in images})
     problems = Problems()
     sizes = {}

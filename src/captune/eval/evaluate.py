@@ -72,10 +72,9 @@ def start_run(out: Path, settings: EvalSettings, gt_json: str, force: bool) -> N
 def check_model(model: str) -> None:
     """What loading the model will need, read cheaply: a checkpoint folder (or an adapter's base) with a tokenizer."""
     from captune.internvl.folder import has_tokenizer, open_checkpoint
-    from captune.internvl.lora import adapter_base_path, is_adapter_folder
+    from captune.internvl.lora import model_folder
 
-    path = adapter_base_path(model) if is_adapter_folder(model) else Path(model)
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(model_folder(model))
     if not has_tokenizer(ckpt.path):
         raise CaptuneError("has no tokenizer files; cannot caption", ckpt.path)
 
@@ -130,38 +129,49 @@ def evaluate(
     num_workers: int | None = None,
     question: str = DEFAULT_QUESTION,
     force: bool = False,
+    gpus_per_model: int | str = "auto",
 ) -> dict | None:
     """Caption the test set, write results.json, score it with the official COCO metrics, write the report.
 
-    Everything the run needs (the test set and its ground truth, the model and its tokenizer, OUT) is checked
-    before OUT is created and the first image captioned: a failed start writes nothing.
+    Everything the run needs (the GPUs for the model, the test set and its ground truth, the model and its
+    tokenizer, OUT) is checked before OUT is created and the first image captioned: a failed start writes nothing.
+    `gpus_per_model` K spreads each model over K GPUs ("auto": the fewest that fit, `internvl.placement`); under
+    torchrun each process takes K consecutive GPUs and the processes share the images.
     """
     from captune.devices import resolve_dtype, short_dtype_name
     from captune.internvl.load import load
+    from captune.internvl.placement import assign_gpus
 
-    ctx = distributed.init(device)
+    gpus = assign_gpus(model, gpus_per_model, device, batch_size, dtype=dtype)  # before init: it picks the device
+    ctx = distributed.init(str(gpus.device))
     try:
-        evalset = resolve_eval_set(data, test_json, gt_json, image_root, limit)
-        check_model(model)
-        check_eval_set(evalset, warn=ctx.is_main)
-        out_dir = Path(out) if out else Path("runs") / f"eval-{Path(model).resolve().name}"
-        torch_dtype = resolve_dtype(dtype, ctx.device)
-        settings = EvalSettings(model=str(Path(model).resolve()), test_json=str(evalset.test_path.resolve()),
-                                question=question, max_tiles=max_tiles, dtype=short_dtype_name(torch_dtype))
-        gt_path = str(evalset.gt_path.resolve())
-        check_out_dir(out_dir, settings, gt_path, force)
+        try:
+            evalset = resolve_eval_set(data, test_json, gt_json, image_root, limit)
+            check_model(model)
+            check_eval_set(evalset, warn=ctx.is_main)
+            out_dir = Path(out) if out else Path("runs") / f"eval-{Path(model).resolve().name}"
+            torch_dtype = resolve_dtype(dtype, ctx.device)
+            settings = EvalSettings(model=str(Path(model).resolve()), test_json=str(evalset.test_path.resolve()),
+                                    question=question, max_tiles=max_tiles, dtype=short_dtype_name(torch_dtype))
+            gt_path = str(evalset.gt_path.resolve())
+            check_out_dir(out_dir, settings, gt_path, force)
+            done = {} if force else done_captions(out_dir)
+            seen, error = f"{len(evalset.images)} images, {len(done)} captioned in {out_dir}", None
+        except CaptuneError as e:
+            seen, error = f"error: {e}", e
+        distributed.same_everywhere(ctx, seen, error)  # on several nodes: one outcome, or one error for all
         if ctx.is_main:
             warn_without_java()
 
-        done = {} if force else done_captions(out_dir)
         todo = [im for im in evalset.images if im.image_id not in done]
         mine = todo[ctx.rank :: ctx.world_size]
         if ctx.is_main:
             print(f"captune eval: {len(evalset.images)} images, {len(done)} already captioned in {out_dir}, "
-                  f"{len(todo)} to go" + (f" on {ctx.world_size} processes" if ctx.distributed else ""))
+                  f"{len(todo)} to go" + (f" on {ctx.world_size} processes" if ctx.distributed else "")
+                  + (f", {gpus.placement.gpus} GPUs per model" if gpus.device_map else ""))
         net = processor = None
         if mine:
-            net, processor = load(model, dtype=torch_dtype, device=ctx.device)
+            net, processor = load(model, dtype=torch_dtype, device=ctx.device, device_map=gpus.device_map)
             if processor is None:
                 raise CaptuneError("has no tokenizer files; cannot caption", model)
         if ctx.is_main:
@@ -170,7 +180,7 @@ def evaluate(
         if mine:
             log = CaptionLog(out_dir, ctx.rank, ctx.distributed)
             try:
-                bs = batch_size or (64 if ctx.device.type == "cuda" else 4)
+                bs = batch_size or gpus.batch or (64 if ctx.device.type == "cuda" else 4)
                 workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
                 generate_captions(net, processor, mine, log, settings, bs, workers, progress=ctx.is_main)
             except KeyboardInterrupt:

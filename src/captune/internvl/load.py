@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ def load(
     attn_implementation: str = "sdpa",
     image_token_id: int | None = None,
     base: str | Path | None = None,
+    device_map: Mapping[str, int | str | torch.device] | None = None,
 ):
     """Load a checkpoint folder; return `(model, processor)`.
 
@@ -35,11 +37,18 @@ def load(
     merged in memory (`base` overrides the base model recorded in the adapter).
     `image_token_id` is only needed for checkpoints without a tokenizer (the id of `<IMG_CONTEXT>`).
     `device="meta"` gives the model without weights (for FSDP, which shards it first; see `fill_weights`).
+    `device_map` (module name -> device, as `captune.internvl.placement.Placement.device_map` makes) spreads the model
+    over several devices instead of `device`: see `load_placed`.
     """
     from captune.internvl.lora import is_adapter_folder
 
     if is_adapter_folder(path):
-        return load_adapter(path, base=base, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        return load_adapter(path, base=base, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                            device_map=device_map)
+    if device_map is not None:
+        device_map = {name: resolve_device(torch.device("cuda", d) if isinstance(d, int) else d)
+                      for name, d in device_map.items()}
+        device = next(iter(device_map.values()))  # for the dtype ("auto": bf16 on GPUs); checked in load_placed
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     ckpt = open_checkpoint(path)
@@ -51,7 +60,9 @@ def load(
         if image_token_id is None:
             image_token_id = image_token_ids(tokenizer)["<IMG_CONTEXT>"]
 
-    if device.type == "meta":  # shapes only, for FSDP: see `empty_model`
+    if device_map is not None:
+        model = load_placed(ckpt, dtype, device_map, attn_implementation, image_token_id)
+    elif device.type == "meta":  # shapes only, for FSDP: see `empty_model`
         model = empty_model(ckpt, attn_implementation, image_token_id).to(dtype)
     elif ckpt.layout == "internvl":
         model = load_original(ckpt, dtype, device, attn_implementation, image_token_id)
@@ -97,6 +108,63 @@ def load_original(ckpt: Checkpoint, dtype, device, attn_implementation, image_to
         model.tie_weights()
     rebuild_buffers(model, device, only_meta=True)
     return model
+
+
+def load_placed(ckpt: Checkpoint, dtype, device_map: dict[str, torch.device], attn_implementation, image_token_id):
+    """The model spread over the devices of `device_map` (module name -> device; every module placed, none split).
+
+    Either layout: the model is built on the meta device and each tensor streamed from its shard straight to its
+    module's device, so no device (nor the CPU) ever holds more than its part. accelerate's `dispatch_model` then
+    hooks every placed module to move its inputs to its device (hidden states hop from GPU to GPU; a cache's layers
+    live on their layers' devices) and the model's outputs back to the inputs' device, which stays `model.device`
+    (the vision tower's).
+    """
+    from accelerate import dispatch_model
+
+    model = empty_model(ckpt, attn_implementation, image_token_id)
+    check_device_map(model, device_map)
+
+    def assign(name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
+        module_name, _, attr = name.rpartition(".")
+        value = tensor.to(device=placed_device(name, device_map), dtype=dtype)
+        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=param.requires_grad)
+
+    fill_weights(model, ckpt, assign)
+    if not lm_head_in(ckpt):
+        model.tie_weights()
+    rebuild_buffers(model, lambda name: placed_device(name, device_map), only_meta=True)
+    if ckpt.layout == "hf" and (ckpt.path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
+    main = placed_device("model.vision_tower", device_map)
+    return dispatch_model(model, device_map=device_map, main_device=main, force_hooks=True,
+                          skip_keys=model._skip_keys_device_placement)
+
+
+def placed_device(name: str, device_map: Mapping[str, torch.device]) -> torch.device:
+    """The device of a module or tensor: its own entry in `device_map`, else its closest enclosing module's."""
+    key = name
+    while key not in device_map:
+        if not key:
+            raise CaptuneError(f"device map places no module holding {name}")
+        key = key.rpartition(".")[0]
+    return device_map[key]
+
+
+def check_device_map(model: nn.Module, device_map: Mapping[str, torch.device]) -> None:
+    """Every entry names a module of the model, and every parameter and buffer is placed exactly once."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in device_map if name not in modules]
+    if unknown:
+        raise CaptuneError(f"device map names modules the model does not have: {', '.join(unknown[:5])}")
+    nested = [a for a in device_map for b in device_map if a != b and a.startswith(b + ".")]
+    if nested:
+        raise CaptuneError(f"device map places {nested[0]} inside another placed module")
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    unplaced = [n for n in names if not any(n.startswith(m + ".") for m in device_map) and "" not in device_map]
+    if unplaced:
+        raise CaptuneError(f"device map places no module holding {', '.join(unplaced[:5])}")
 
 
 def empty_model(ckpt: Checkpoint, attn_implementation: str = "sdpa", image_token_id: int | None = None):
@@ -159,10 +227,12 @@ def fill_weights(model: nn.Module, ckpt: Checkpoint, put) -> None:
         raise CaptuneError(f"checkpoint is missing {', '.join(missing[:5])}{more}", ckpt.path)
 
 
-def rebuild_buffers(model: nn.Module, device: torch.device, only_meta: bool = False) -> None:
+def rebuild_buffers(model: nn.Module, device: torch.device | Callable[[str], torch.device],
+                    only_meta: bool = False) -> None:
     """Recompute the buffers of parameter-free modules (rotary frequencies): they are derived from the config.
 
     Needed after meta-device loading (`only_meta`) and after FSDP's `to_empty`, which leaves them uninitialised.
+    `device` may be a function of the module's name (a model spread over devices).
     """
     for name, module in list(model.named_modules()):
         buffers = list(module.buffers(recurse=False))
@@ -172,7 +242,7 @@ def rebuild_buffers(model: nn.Module, device: torch.device, only_meta: bool = Fa
             if only_meta:
                 raise RuntimeError(f"cannot materialise buffers of {name} ({type(module).__name__})")
             continue
-        rebuilt = type(module)(config=module.config).to(device)
+        rebuilt = type(module)(config=module.config).to(device(name) if callable(device) else device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
 
@@ -183,6 +253,7 @@ def load_adapter(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    device_map: Mapping[str, int | str | torch.device] | None = None,
 ):
     """Base model + LoRA adapter, merged in memory: the same function as `captune merge` writes to disk."""
     from peft import PeftModel
@@ -190,7 +261,8 @@ def load_adapter(
     from captune.internvl.lora import adapter_base_path
 
     base_path = Path(base) if base is not None else adapter_base_path(path)
-    model, processor = load(base_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    model, processor = load(base_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                            device_map=device_map)
     try:
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     except (ValueError, KeyError, RuntimeError) as e:

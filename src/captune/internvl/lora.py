@@ -99,6 +99,11 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def model_folder(model: str | Path) -> Path:
+    """The folder of a model's config and weights: the model folder itself, or an adapter folder's base model."""
+    return adapter_base_path(model) if is_adapter_folder(model) else Path(model)
+
+
 def adapter_base_path(path: str | Path) -> Path:
     """The base model an adapter was trained on (recorded by `captune train` in adapter_config.json)."""
     from captune.fileio import read_json

@@ -152,12 +152,17 @@ def vision_flops_per_image(s: Shape, tiles: int) -> float:
 # ------------------------------------------------------------------------------------------------- evaluation
 
 
+def eval_activations(s: Shape, batch: int) -> tuple[float, float]:
+    """Bytes of activations: the LLM's prefill (on each GPU of a model) and the vision tower's (before the KV cache)."""
+    return (batch * EVAL_PROMPT * EVAL_ACT_PER_MLP * s.inter * 2,
+            batch * EVAL_TILES * (s.patches + 1) * (2 * s.v_inter + 3 * s.v_hidden) * 2)
+
+
 def eval_memory(s: Shape, batch: int, gpus_per_model: int = 1) -> dict[str, float]:
     """GB per GPU to caption `batch` images (7 tiles, 1,851-token prompt + 30 tokens), one model over K GPUs."""
     k = gpus_per_model
     kv = batch * (EVAL_PROMPT + EVAL_NEW_TOKENS) * kv_bytes_per_token(s) / k
-    llm = batch * EVAL_PROMPT * EVAL_ACT_PER_MLP * s.inter * 2  # each GPU runs its layers on the whole batch
-    vision = batch * EVAL_TILES * (s.patches + 1) * (2 * s.v_inter + 3 * s.v_hidden) * 2  # before the KV cache exists
+    llm, vision = eval_activations(s, batch)
     out = {"weights": parameter_counts(s)["total"] * 2 / k / GB, "kv_cache": kv / GB,
            "activations": max(llm, vision - kv) / GB}
     out["total"] = sum(out.values())

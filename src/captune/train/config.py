@@ -243,9 +243,27 @@ def recipe_values(recipe: str | None) -> TrainConfig:
     return config
 
 
+def default_recipe(model: str | None) -> str:
+    """The shipped recipe of the model's InternVL2 release size (InternVL2-8B: internvl2_8b_coco_lora), read from its
+    config.json alone (`captune plan`'s parameter count); the tutorial's 2B recipe for any other model, or for a
+    folder that cannot be read (the model check then says why)."""
+    if model:
+        from captune.internvl import plan
+        from captune.internvl.lora import model_folder
+
+        try:
+            size = plan.release_size(plan.parameter_counts(plan.model_shape(plan.read_config(model_folder(model))))
+                                     ["total"])
+        except (CaptuneError, OSError, KeyError, TypeError, ValueError):
+            size = None
+        if size and f"internvl2_{size}_coco_lora" in recipe_names():
+            return f"internvl2_{size}_coco_lora"
+    return TrainConfig.recipe
+
+
 def resolve(recipe: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the recipe, then the command line."""
-    return validate(apply(recipe_values(recipe), overrides))
+    """Defaults, then the recipe (by default the one for the model's size), then the command line."""
+    return validate(apply(recipe_values(recipe or default_recipe(overrides.get("model"))), overrides))
 
 
 def validate(config: TrainConfig) -> TrainConfig:

@@ -146,8 +146,9 @@ def load_training_data(config, processor, log, ctx: distributed.Context | None =
     """Read the data; check every image header once (cached in the run folder) and every sample's length; drop the
     bad samples (counted in the log); hold the rest compactly, grouped and measured.
 
-    Under torchrun the main process checks the images first and the others then find its results in the cache (they
-    only `stat` the files), and it alone measures the lengths, which the others receive."""
+    Under torchrun the main process (global rank 0) checks the images first and the others then find its results in
+    the cache (they only `stat` the files; they never write it), and it alone measures the lengths, which the others
+    receive."""
     from captune.data.check import check_lengths, check_samples, tile_counts
     from captune.data.problems import Problems, format_problems
     from captune.data.samples import read_training_data
@@ -157,13 +158,18 @@ def load_training_data(config, processor, log, ctx: distributed.Context | None =
     if several and not ctx.is_main:
         distributed.barrier(ctx)  # wait for the main process's image check
     checked = check_samples(report.samples, decode_images=False, progress=log.enabled,
-                            cache=Path(config.out) / IMAGE_CACHE)
+                            cache=Path(config.out) / IMAGE_CACHE, update_cache=not several or ctx.is_main)
     if several and ctx.is_main:
         distributed.barrier(ctx)
     del report.samples
     table = SampleTable.of(checked.samples)
     del checked.samples
     gc.collect()  # 566k Sample objects: give their memory back before the data-loader workers are forked
+    # The main process measures the samples it kept for all: the others must have kept the same ones.
+    differ = distributed.disagreement(ctx, f"{len(table):,} usable samples") if several else None
+    if differ:
+        raise CaptuneError(f"the processes read different training data ({differ}): on several nodes every node "
+                           "must see the same files", config.data)
     lengths = None
     if not several or ctx.is_main:
         tiles = tile_counts(table, checked.sizes, processor, config.max_tiles)

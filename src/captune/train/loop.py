@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from captune import distributed
-from captune.errors import Interrupted
+from captune.errors import CaptuneError, Interrupted
 from captune.train import config as cfg
 from captune.train import start
 from captune.train.collate import Collate, TrainBatch
@@ -176,6 +176,19 @@ def train(config: cfg.TrainConfig) -> Path:
             distributed.shutdown(ctx, finished=finished)
 
 
+def _check_everywhere(config: cfg.TrainConfig, ctx: distributed.Context) -> start.Start:
+    """`start.check` in every process, one outcome for all: on several nodes, where --out is not one shared folder,
+    they would resume from different steps (or one fail while the others wait forever); then all raise one error."""
+    try:
+        plan, error = start.check(config, ctx), None
+        seen = (f"resumes from {plan.resume_from.name}" if plan.resume_from else
+                "starts again from step 0" if plan.run_folder else "starts a new run")
+    except CaptuneError as e:
+        seen, error = f"error: {e}", e
+    distributed.same_everywhere(ctx, seen, error)
+    return plan
+
+
 def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path:
     from tqdm import tqdm
 
@@ -184,8 +197,7 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
     from captune.internvl.lora import add_lora, count_parameters, init_lora_weights
 
     torch_dtype = resolve_dtype(None if config.dtype == "auto" else config.dtype, ctx.device)
-    plan = start.check(config, ctx)
-    distributed.barrier(ctx)  # every process has looked at OUT before the main one changes it
+    plan = _check_everywhere(config, ctx)  # every process has looked at OUT before the main one changes it
     run.start = plan
     if plan.resume_from is not None:
         run.checkpoint = (checkpoint_step(plan.resume_from), plan.resume_from)

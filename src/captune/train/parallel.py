@@ -22,22 +22,28 @@ def wrap_for_processes(loss_module: CaptionLoss, ctx: distributed.Context, confi
     if not ctx.distributed:
         return loss_module
     if config.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # Frozen weights stay in the run's dtype, LoRA weights in float32; layers compute in the run's dtype and
-        # gradients are reduced in float32.
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        net = loss_module.net
-        for layer in list(net.model.language_model.layers) + list(net.model.vision_tower.encoder.layer):
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(loss_module, mp_policy=policy)
-        return loss_module
+        return shard_fsdp2(loss_module, dtype)
     from torch.nn.parallel import DistributedDataParallel
 
     # broadcast_buffers off: the only buffers (rotary frequencies) are the same everywhere, and a broadcast in
     # every forward would pair up wrongly if processes ran different numbers of micro-batches
     return DistributedDataParallel(loss_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                    broadcast_buffers=False)
+
+
+def shard_fsdp2(loss_module: CaptionLoss, dtype: torch.dtype) -> CaptionLoss:
+    """FSDP2 over the default process group, in place: each LLM decoder layer and vision layer is its own unit, the
+    rest (embeddings, LM head, projector) the root's. Also what `benchmarks/sizes.py` measures, in a world of one."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Frozen weights stay in the run's dtype, LoRA weights in float32; layers compute in the run's dtype and
+    # gradients are reduced in float32.
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    net = loss_module.net
+    for layer in list(net.model.language_model.layers) + list(net.model.vision_tower.encoder.layer):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(loss_module, mp_policy=policy)
+    return loss_module
 
 
 def load_shards(loss_module: CaptionLoss, config: cfg.TrainConfig, device: torch.device) -> None:

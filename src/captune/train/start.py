@@ -1,6 +1,8 @@
 """The start of `captune train`: every input checked before anything is written, and the run folder's fate decided.
 
     check(config, ctx)                  nothing written: the model folder (config.json, weights, tokenizer), the data,
+                                        the plan (a recipe of the model's size; on a GPU, a run that fits it by
+                                        `captune plan`, from config.json alone, before anything is loaded),
                                         the run folder and what it holds: nothing (a new run), this run (resumed;
                                         what changed since), an earlier run (starting again), or other files
     begin(start, config, ctx)           the run folder made; a new run's captune.yaml written at once
@@ -60,6 +62,7 @@ def check(config: cfg.TrainConfig, ctx: distributed.Context) -> Start:
         raise CaptuneError("--eval-every needs the whole model in one process; it does not work with --fsdp "
                            "(evaluate a checkpoint with `captune eval` instead)")
     check_data(config.data)
+    check_plan(config, ctx)  # config.json alone: before the tokenizer, long before the weights
     processor = check_model(config.model)
     if config.eval_every > 0:
         from captune.data.evalsets import resolve_eval_set
@@ -93,18 +96,101 @@ def check_model(model: str):
     from captune.internvl.config import check_supported
     from captune.internvl.folder import has_tokenizer, open_checkpoint
     from captune.internvl.load import processor_for
-    from captune.internvl.lora import adapter_base_path, is_adapter_folder
+    from captune.internvl.lora import model_folder
     from captune.internvl.tokenizer import load_tokenizer
 
-    folder = Path(model)
-    if is_adapter_folder(folder):  # a captune checkpoint: its base model with the adapter merged in
-        folder = adapter_base_path(folder)
-    ckpt = open_checkpoint(folder)
+    ckpt = open_checkpoint(model_folder(model))  # a captune checkpoint: its base model, the adapter merged in
     if ckpt.layout == "internvl":
         check_supported(ckpt.config, ckpt.path / "config.json")
     if not has_tokenizer(ckpt.path):
         raise CaptuneError("has no tokenizer files (tokenizer.json or tokenizer.model); cannot train", ckpt.path)
     return processor_for(ckpt, load_tokenizer(ckpt.path))
+
+
+def gpu_memory_gb(device) -> float:
+    """Memory of the GPU `device` in GB (2^30 bytes, as `captune plan --gpu-memory`)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def check_plan(config: cfg.TrainConfig, ctx: distributed.Context) -> None:
+    """Refuse, before anything is loaded, a shipped per-size recipe on a model of another size, and (on GPUs, in
+    bf16/fp16) a run that `captune plan` says cannot fit this GPU, saying what would fit.
+
+    Only config.json is read; a folder without a readable one is left to `check_model` to report. The run is planned
+    as the loop will run it: FSDP2 with --fsdp under torchrun, else DDP or one GPU; compiled as `should_compile`
+    decides; shared prefixes unless --share-prefix off (with auto the data decides later; COCO shares).
+    """
+    from captune.devices import resolve_dtype
+    from captune.internvl import plan
+    from captune.internvl.lora import model_folder
+
+    try:
+        shape = plan.model_shape(plan.read_config(model_folder(config.model)))
+    except (CaptuneError, OSError, KeyError, TypeError, ValueError):
+        return  # check_model says what is wrong with the folder
+    plan.check_recipe_size(config.recipe, plan.release_size(plan.parameter_counts(shape)["total"]))
+    if ctx.device.type != "cuda" or resolve_dtype(None if config.dtype == "auto" else config.dtype,
+                                                  ctx.device).itemsize != 2:
+        return  # no fixed memory on the CPU; the plan counts 16-bit weights
+    total = gpu_memory_gb(ctx.device)
+    usable = total * plan.USABLE_FRACTION
+    gpus, sharded = ctx.world_size, config.fsdp and ctx.distributed
+
+    def need(checkpointing: bool = config.gradient_checkpointing, budget: int = config.token_budget,
+             fsdp: bool = sharded, n: int = gpus) -> float:
+        return _planned_gb(shape, config, ctx.device, n, fsdp, checkpointing, budget)
+
+    if need() <= usable:
+        return
+    options, ckpt = [], config.gradient_checkpointing
+    if not ckpt and need(checkpointing=True) <= usable:
+        options.append(f"turn on --gradient-checkpointing ({need(checkpointing=True):.1f} GB)")
+    group = plan.group_tokens(config.max_tiles)
+    lower = [b for b in plan.TRAIN_BUDGETS if group <= b < config.token_budget and need(budget=b) <= usable]
+    if config.share_prefix != "off" and lower:
+        options.append(f"lower --token-budget to {lower[0]} ({need(budget=lower[0]):.1f} GB)")
+    if ctx.distributed and not sharded and need(fsdp=True) <= usable:
+        options.append(f"add --fsdp: FSDP2 over the {gpus} processes ({need(fsdp=True):.1f} GB)")
+    if not options:
+        for checkpointing in dict.fromkeys((ckpt, True)):
+            n = next((n for n in range(max(2, gpus + 1), 1025)
+                      if need(checkpointing=checkpointing, fsdp=True, n=n) <= usable), None)
+            if n is not None:
+                flags = "--fsdp" + ("" if checkpointing == ckpt else " --gradient-checkpointing")
+                options.append(f"use FSDP2 over {n} GPUs of this size (torchrun --nproc-per-node {n} -m captune "
+                               f"train ... {flags}; {need(checkpointing=checkpointing, fsdp=True, n=n):.1f} GB each)")
+                break
+    strategy = "FSDP2" if sharded else "DDP" if ctx.distributed else "one GPU"
+    raise CaptuneError(
+        f"does not fit this GPU: this run ({strategy}{f' over {gpus}' if gpus > 1 else ''}, LoRA r{config.lora_rank}, "
+        f"gradient checkpointing {'on' if ckpt else 'off'}, token budget {config.token_budget:,}) needs "
+        f"{need():.1f} GB per GPU by `captune plan`, and {usable:.1f} of this GPU's {total:.1f} GB are usable; "
+        + (f"would fit: {'; or '.join(options)}" if options else "nothing the plan tries fits")
+        + f" (captune plan {config.model} --gpus {gpus} --gpu-memory {total:.1f} --recipe {config.recipe})",
+        config.model)
+
+
+def _planned_gb(shape, config: cfg.TrainConfig, device, gpus: int, sharded: bool, checkpointing: bool,
+                budget: int) -> float:
+    """GB per GPU of one micro-batch as `captune plan` computes it (`choose_train`'s token count per micro-batch)."""
+    from captune.internvl import plan
+    from captune.train.loss import should_compile
+
+    group, tiles = plan.group_tokens(config.max_tiles), plan.coco_tiles(config.max_tiles)
+    shared = config.share_prefix != "off"
+    compiled = should_compile(config, device, shared, sharded)
+    if shared:  # whole images up to the budget or the process's share of a step; compiled rows padded to the budget
+        step_images = -(-config.global_batch_size // 5)
+        images = max(1, min(budget // group, -(-step_images // gpus)))
+        tokens = max(budget, group) if compiled else images * group
+    else:  # one caption per row, each with its prompt
+        caption = (plan.GROUP_TOKENS - plan.EVAL_PROMPT) // 5
+        tokens = config.per_device_batch_size * (group - 4 * caption)
+    strategy = "FSDP2" if sharded else "DDP" if gpus > 1 else "one GPU"
+    return plan.train_memory(shape, config.lora_rank, tokens, checkpointing, strategy, gpus, compiled,
+                             tiles=tiles)["total"]
 
 
 def _check_out(config: cfg.TrainConfig, processor) -> Start:
