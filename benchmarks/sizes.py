@@ -133,7 +133,7 @@ def measure_eval(model, processor, config: dict, device, dtype, args) -> dict:
     pixels = torch.randn(args.batch * args.tiles, 3, size, size, device=device, dtype=dtype)
     n = args.new_tokens
     model.eval()
-    decoder = GreedyDecoder(model, processor.stop_token_id, processor.pad_token_id, n, n, args.batch)
+    decoder = GreedyDecoder(model, processor.stop_token_id, processor.pad_token_id, n, n)
 
     def run() -> None:
         out = decoder(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)

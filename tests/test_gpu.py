@@ -69,30 +69,37 @@ def test_compiled_training_step_equals_eager(tmp_path):
         assert tp.rel(grads_b[name], grads_a[name]) < 5e-2, name
 
 
-def test_graphed_decoder_equals_eager_and_generate(fixtures):
-    """On a GPU the decode step is one CUDA-graph replay: the same tokens as the same step run eagerly, in float32
-    the tokens of transformers' `generate` (left-padded rows of different tile counts, a frequent token as stop
-    so that rows end at different steps), and the buffers reused for a smaller, shorter batch."""
-    from PIL import Image
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_graphed_decoder_equals_eager_and_generate(device):
+    """On a GPU the decode step is one CUDA-graph replay: the same tokens as the same step run eagerly, and in
+    float32 the tokens of transformers' `generate` (left-padded rows of different tile counts; the most frequent
+    token as stop, so that rows end at different steps), then the buffers reused for a smaller, shorter batch.
+    Also on a GPU that is not the current one (the graph must be captured on the model's GPU)."""
+    from helpers.demo_model import demo_model_and_images
 
-    import captune
     from captune.eval.generate import model_inputs
     from captune.eval.greedy import GreedyDecoder
 
-    model, processor = captune.load(fixtures / "models" / "internvl2_2b_mini", dtype="fp32", device="cuda")
-    images = [Image.open(p).convert("RGB") for p in sorted((fixtures / "tiling" / "images").iterdir())]
-    images += [images[0].resize((640, 640)), images[0].resize((640, 360)), images[1].rotate(90)]
-    graphed = GreedyDecoder(model, 486, processor.pad_token_id, 12, 4, batch_size=len(images))
-    eager = GreedyDecoder(model, 486, processor.pad_token_id, 12, 4, batch_size=len(images), graphs=False)
+    if torch.device(device).index >= torch.cuda.device_count():
+        pytest.skip(f"needs {device}")
+    model, processor, images = demo_model_and_images(device)
+    pad = processor.pad_token_id
+    inputs = model_inputs(model, processor(images, max_tiles=6))
+    free = model.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=pad)
+    stop = int(torch.mode(free[:, inputs["input_ids"].shape[1]:].flatten()).values)
+    graphed = GreedyDecoder(model, stop, pad, 12, 2)
+    eager = GreedyDecoder(model, stop, pad, 12, 2, graphs=False)
     assert graphed.graphs
     for chunk in (images, images[1:4]):
         inputs = model_inputs(model, processor(chunk, max_tiles=6))
-        expected = model.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=4, eos_token_id=486,
-                                  pad_token_id=processor.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+        assert not bool(inputs["attention_mask"].all())
+        expected = model.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=2, eos_token_id=stop,
+                                  pad_token_id=pad)[:, inputs["input_ids"].shape[1]:]
         got = graphed(**inputs)
         assert graphed.graph is not None
         assert torch.equal(got, eager(**inputs))
         assert torch.equal(got, expected)
+        assert (expected == stop).any()  # rows stop: the stop token and the padding after it are checked
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

@@ -34,17 +34,34 @@ def test_decoder_equals_generate(mini, stop, min_new):
     inputs = model_inputs(model, processor(images, max_tiles=6))
     assert not bool(inputs["attention_mask"].all())  # rows are left-padded
     expected = _generate(model, inputs, stop, processor.pad_token_id, 12, min_new)
-    decoder = GreedyDecoder(model, stop, processor.pad_token_id, 12, min_new, batch_size=len(images))
+    decoder = GreedyDecoder(model, stop, processor.pad_token_id, 12, min_new)
     got = decoder(**inputs)
     assert torch.equal(got, expected)
     assert (expected == processor.pad_token_id).any()  # some rows stopped early: padding is checked
+
+
+def test_decoder_equals_generate_with_grouped_query_attention():
+    """The demo model has 2 key/value heads for 4 query heads (the miniature 1 for 2): the query heads sharing a
+    key/value head are grouped in `repeat_kv`'s order."""
+    from helpers.demo_model import demo_model_and_images
+
+    model, processor, images = demo_model_and_images("cpu")
+    config = model.config.get_text_config()
+    assert config.num_attention_heads // config.num_key_value_heads == 2 and config.num_key_value_heads > 1
+    inputs = model_inputs(model, processor(images, max_tiles=6))
+    pad = processor.pad_token_id
+    free = _generate(model, inputs, -1, pad, 12, 12)
+    stop = int(torch.mode(free.flatten()).values)
+    expected = _generate(model, inputs, stop, pad, 12, 2)
+    assert torch.equal(GreedyDecoder(model, stop, pad, 12, 2)(**inputs), expected)
+    assert (expected == stop).any() and len(set(map(tuple, expected.tolist()))) > 1
 
 
 def test_decoder_reused_across_batches(mini):
     """One decoder for batches of other sizes and prompt lengths (as eval sends them) gives each batch's
     `generate` tokens: buffers, positions and masks of the earlier batch leave nothing behind."""
     model, processor, images = mini
-    decoder = GreedyDecoder(model, 486, processor.pad_token_id, 10, 2, batch_size=4)
+    decoder = GreedyDecoder(model, 486, processor.pad_token_id, 10, 2)
     for chunk in (images[:4], images[4:5], images[2:5], images[:6]):
         inputs = model_inputs(model, processor(chunk, max_tiles=6))
         expected = _generate(model, inputs, 486, processor.pad_token_id, 10, 2)
@@ -55,8 +72,8 @@ def test_captioner_engines_agree(mini):
     model, processor, images = mini
     batch = processor(images, max_tiles=6)
     settings = GenerationSettings(max_new_tokens=8, min_new_tokens=2)
-    with Captioner(model, processor, settings, len(images)) as static:
+    with Captioner(model, processor, settings) as static:
         assert static.engine == "static"
         captions = static(batch)
-    with Captioner(model, processor, settings, len(images), engine="generate") as plain:
+    with Captioner(model, processor, settings, engine="generate") as plain:
         assert plain(batch) == captions

@@ -59,6 +59,17 @@ def test_76b_on_one_gpu_is_refused_before_loading(tmp_path, fake_gpu, capsys):
     assert "captune plan " in line and not (tmp_path / "run").exists()
 
 
+def test_more_gpus_than_a_node_has_are_proposed_as_nodes(tmp_path, fake_gpu, capsys, monkeypatch):
+    """76B on 24 GB cards needs more GPUs than a node of 8 holds: the proposal is torchrun over several nodes."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    fake_gpu["gb"] = 23.6
+    assert main(train(tmp_path, "InternVL2-Llama3-76B", "--recipe", "internvl2_76b_coco_lora")) == 2
+    line = error(capsys)
+    found = re.search(r"use FSDP2 over (\d+) GPUs of this size \(torchrun --nnodes (\d+) --nproc-per-node 8 ", line)
+    assert found, line
+    assert int(found[1]) > 8 and int(found[2]) == -(-int(found[1]) // 8)
+
+
 def test_checkpointing_and_token_budget_are_proposed(tmp_path, fake_gpu, capsys):
     """The 2B recipe (16,384-token rows, no checkpointing: ~52 GB) on a 40 GB card."""
     fake_gpu["gb"] = 39.4

@@ -81,7 +81,7 @@ def time_breakdown(model, processor, paths: list[Path], tokens: int) -> dict:
     prompt = _timed(dev, lambda: model(**{k: v for k, v in inputs.items() if k != "attention_mask"},
                                        use_cache=True, logits_to_keep=1))
     settings = GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens)
-    with Captioner(model, processor, settings, len(paths)) as captioner:
+    with Captioner(model, processor, settings) as captioner:
         whole = _timed(dev, lambda: captioner.decoder(**inputs))
     n = len(paths)
     return {"batch": n, "vision_tower_s": vision, "llm_prompt_s": prompt - vision, "decode_s": whole - prompt,
@@ -96,7 +96,7 @@ def profile_batch(model, processor, paths: list[Path], tokens: int, path: Path) 
 
     inputs = model_inputs(model, processor(paths, max_tiles=6))
     settings = GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens)
-    with Captioner(model, processor, settings, len(paths)) as captioner, torch.inference_mode():
+    with Captioner(model, processor, settings) as captioner, torch.inference_mode():
         captioner.decoder(**inputs)  # capture outside the profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             captioner.decoder(**inputs)

@@ -178,7 +178,7 @@ def generate_captions(
     gen = GenerationSettings(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens)
     captioned = skipped = 0
     bar = tqdm(total=len(ordered), desc="captioning", unit="img", disable=not progress, dynamic_ncols=True)
-    captioner = Captioner(model, processor, gen, batch_size, engine)
+    captioner = Captioner(model, processor, gen, engine)
     try:
         for chunk in loader:
             rows = []

@@ -59,8 +59,7 @@ class Captioner:
     implementations other than SDPA, whose masks the static decoder does not build). Holds the decoder's buffers
     until `close` (or the end of a `with` block)."""
 
-    def __init__(self, model, processor: Processor, settings: GenerationSettings, batch_size: int,
-                 engine: str = "static"):
+    def __init__(self, model, processor: Processor, settings: GenerationSettings, engine: str = "static"):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
         attn = getattr(model.config.get_text_config(), "_attn_implementation", "sdpa")
@@ -72,7 +71,7 @@ class Captioner:
             from captune.eval.greedy import GreedyDecoder
 
             self.decoder = GreedyDecoder(model, processor.stop_token_id, processor.pad_token_id,
-                                         settings.max_new_tokens, settings.min_new_tokens, batch_size)
+                                         settings.max_new_tokens, settings.min_new_tokens)
 
     def ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The new token ids `[B, <= max_new_tokens]` of a collated batch, on the CPU."""
@@ -118,7 +117,7 @@ def caption_images(
 
     question = question or DEFAULT_QUESTION
     captions: list[str] = []
-    with Captioner(model, processor, settings, batch_size) as captioner:
+    with Captioner(model, processor, settings) as captioner:
         for start in range(0, len(images), batch_size):
             captions += captioner(processor(images[start : start + batch_size], question=question, max_tiles=max_tiles))
     return captions

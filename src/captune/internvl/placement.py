@@ -52,7 +52,7 @@ class Costs:
     def of(cls, s: P.Shape, batch: int, bytes_per_param: int = 2) -> Costs:
         counts, scale = P.parameter_counts(s), bytes_per_param / 2  # the plan's figures are bf16
         llm_act, vision_act = P.eval_activations(s, batch)
-        kv = batch * (P.EVAL_PROMPT + P.EVAL_NEW_TOKENS) * P.kv_bytes_per_token(s) / s.layers
+        kv = batch * P.EVAL_KV_TOKENS * P.kv_bytes_per_token(s) / s.layers
         first = counts["vision_tower"] + counts["projector"] + counts["llm_embeddings"]
         return cls(first=first * bytes_per_param, layer=P.llm_layer_parameters(s) * bytes_per_param,
                    last=(counts["lm_head"] + s.hidden) * bytes_per_param, kv=kv * scale, llm_act=llm_act * scale,

@@ -26,12 +26,13 @@ GB = 2**30
 USABLE_FRACTION = 0.90  # 10% of a card kept free: CUDA context, cuBLAS workspaces, allocator fragmentation
 PEAK_FLOPS = 989e12  # H100/H200 dense bf16
 BANDWIDTH = 4.8e12  # H200 bytes/s (the calibration GPU): a decoding step reads every weight once
-# Evaluation as `captune eval` and the issue's 26B/40B runs: 7 tiles (6 + thumbnail), a 1,851-token prompt, 30 tokens.
+# Evaluation as `captune eval` and the 2B-76B runs: 7 tiles (6 + thumbnail), a 1,851-token prompt, 30 tokens.
 EVAL_TILES, EVAL_PROMPT, EVAL_NEW_TOKENS, EVAL_IMAGES = 7, 1851, 30, 5000
+EVAL_KV_TOKENS = 2 * EVAL_PROMPT + EVAL_NEW_TOKENS  # the decoder's static cache + the next prompt's while it is copied
 EVAL_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # 64: captune eval's default on a GPU (128 gains 3% for 2B at twice the KV)
 # Prefill activations per prompt token, in bf16 elements per unit of MLP width (gate, up, their product, ...): fitted to
-# the peaks minus bf16 weights minus KV cache of 2B (batch 64: 23.2 GB, 128: 42.3 GB; docs/benchmarks.md) and of
-# 26B/40B (batch 16: 57/87 GB; issue 14): 4.5 predicts all four within 1%.
+# `generate`'s peaks (2B at batch 64/128, 26B/40B at 16); with captune's decoder's two caches (EVAL_KV_TOKENS) the
+# plan is within 3.4% of its measured peaks, 2B to 76B (docs/benchmarks.md, sixth session).
 EVAL_ACT_PER_MLP = 4.5
 # Evaluation speed, fitted to 2B 20.5-21.2 images/s (batch 64/128), 26B 2.19 and 40B 1.78 images/s (batch 16), H200:
 EVAL_MFU = 0.40  # prefill (vision tower + LLM) compute efficiency: 26B/40B are compute bound
@@ -161,7 +162,7 @@ def eval_activations(s: Shape, batch: int) -> tuple[float, float]:
 def eval_memory(s: Shape, batch: int, gpus_per_model: int = 1) -> dict[str, float]:
     """GB per GPU to caption `batch` images (7 tiles, 1,851-token prompt + 30 tokens), one model over K GPUs."""
     k = gpus_per_model
-    kv = batch * (EVAL_PROMPT + EVAL_NEW_TOKENS) * kv_bytes_per_token(s) / k
+    kv = batch * EVAL_KV_TOKENS * kv_bytes_per_token(s) / k
     llm, vision = eval_activations(s, batch)
     out = {"weights": parameter_counts(s)["total"] * 2 / k / GB, "kv_cache": kv / GB,
            "activations": max(llm, vision - kv) / GB}

@@ -159,7 +159,12 @@ def check_plan(config: cfg.TrainConfig, ctx: distributed.Context) -> None:
                       if need(checkpointing=checkpointing, fsdp=True, n=n) <= usable), None)
             if n is not None:
                 flags = "--fsdp" + ("" if checkpointing == ckpt else " --gradient-checkpointing")
-                options.append(f"use FSDP2 over {n} GPUs of this size (torchrun --nproc-per-node {n} -m captune "
+                import torch
+
+                per_node = torch.cuda.device_count() or 8  # more than one node's GPUs: several nodes
+                launch = (f"--nproc-per-node {n}" if n <= per_node else
+                          f"--nnodes {-(-n // per_node)} --nproc-per-node {per_node}")
+                options.append(f"use FSDP2 over {n} GPUs of this size (torchrun {launch} -m captune "
                                f"train ... {flags}; {need(checkpointing=checkpointing, fsdp=True, n=n):.1f} GB each)")
                 break
     strategy = "FSDP2" if sharded else "DDP" if ctx.distributed else "one GPU"
