@@ -34,10 +34,10 @@ EVAL_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # 64: captune eval's default on a GPU (
 # `generate`'s peaks (2B at batch 64/128, 26B/40B at 16); with captune's decoder's two caches (EVAL_KV_TOKENS) the
 # plan is within 3.4% of its measured peaks, 2B to 76B (docs/benchmarks.md, sixth session).
 EVAL_ACT_PER_MLP = 4.5
-# Evaluation speed, fitted to 2B 20.5-21.2 images/s (batch 64/128), 26B 2.19 and 40B 1.78 images/s (batch 16), H200:
-EVAL_MFU = 0.40  # prefill (vision tower + LLM) compute efficiency: 26B/40B are compute bound
-DECODE_LAYER_S = 0.5e-3  # per decoder layer per new token (eager launches), when above the bandwidth time
-EVAL_HOST_S = 0.0154  # per image: generation loop and data path, what 2B lacks of its FLOP-bound rate
+# Evaluation speed with captune's decoder, fitted to 2B 29.3 images/s (batch 64), 8B 12.0, 26B 2.81, 40B 2.13, 76B 1.39
+EVAL_MFU = 0.51  # (batch 16; H200, docs/benchmarks.md): prefill compute efficiency; all five within 5.3%
+DECODE_LAYER_S = 0.25e-3  # per decoder layer per new token (a graph replay: attention over the cache), above bandwidth
+EVAL_HOST_S = 0.008  # per image: the data path and what runs between batches
 SPLIT_EFFICIENCY = 0.95  # one model over K GPUs runs its layers in turn, hidden states hop GPUs (not measured)
 # Training on COCO Karpathy train with shared prefixes: one row segment per image and its ~5 captions.
 COCO_IMAGES, COCO_CAPTIONS = 113_287, 566_747
