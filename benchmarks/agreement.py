@@ -21,16 +21,8 @@ import torch
 
 import captune
 from captune.data.synthetic import random_scene, render_scene
-from captune.eval.generate import Captioner, GenerationSettings
+from captune.eval.generate import caption_images
 
-
-
-def captions(model, processor, images, batch: int, engine: str) -> list[str]:
-    out: list[str] = []
-    with Captioner(model, processor, GenerationSettings(), engine=engine) as captioner:
-        for start in range(0, len(images), batch):
-            out += captioner(processor(images[start:start + batch], max_tiles=1))
-    return out
 
 
 def main() -> None:
@@ -45,9 +37,10 @@ def main() -> None:
                                     dtype=args.dtype, device=args.device)
     rng = np.random.default_rng(0)
     images = [render_scene(random_scene(rng)) for _ in range(args.images)]
-    static = captions(model, processor, images, args.batch, "static")
-    one = captions(model, processor, images, 1, "static")
-    plain = captions(model, processor, images, args.batch, "generate")
+    # one tile each, as the demo model was trained
+    static = caption_images(model, processor, images, max_tiles=1, batch_size=args.batch)
+    one = caption_images(model, processor, images, max_tiles=1, batch_size=1)
+    plain = caption_images(model, processor, images, max_tiles=1, batch_size=args.batch, engine="generate")
     n = len(images)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "dtype": args.dtype,
               "images": n, "batch": args.batch,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers.coco_test_set import write_coco_test_set
 from helpers.forbid import forbid
 
 from captune.cli import main
@@ -20,21 +21,8 @@ REFS = ["a picture of a scene", "an image with some shapes", "a scene with colou
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, fixtures) -> Path:
     """The tutorial's data/coco layout with two small images."""
-    root = tmp_path_factory.mktemp("coco")
-    (root / "val2014").mkdir()
-    (root / "annotations").mkdir()
     scene = Image.open(fixtures / "tiling" / "images" / "scene_640x427.jpg").convert("RGB")
-    items, images, anns = [], [], []
-    for i in (1, 2):
-        name = f"val2014/COCO_val2014_{i:012d}.jpg"
-        scene.resize((160 * i, 120)).save(root / name)
-        items.append({"image": name, "caption": REFS})
-        images.append({"id": i})
-        anns += [{"image_id": i, "caption": c, "id": 10 * i + k} for k, c in enumerate(REFS)]
-    (root / "annotations" / "coco_karpathy_test.json").write_text(json.dumps(items))
-    (root / "annotations" / "coco_karpathy_test_gt.json").write_text(json.dumps({"images": images,
-                                                                                  "annotations": anns}))
-    return root
+    return write_coco_test_set(tmp_path_factory.mktemp("coco"), [(scene.resize((160 * i, 120)), REFS) for i in (1, 2)])
 
 
 @pytest.fixture

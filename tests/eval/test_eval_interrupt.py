@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from helpers.coco_test_set import write_coco_test_set
 from PIL import Image
 
 from captune.cli import main
@@ -21,20 +22,9 @@ REFS = ["a picture of a scene", "an image with some shapes", "a scene with colou
 
 def write_test_set(root: Path, fixtures: Path, count: int) -> Path:
     """The tutorial's data/coco layout: `count` small images (different crops of the fixture's scene)."""
-    (root / "val2014").mkdir(parents=True)
-    (root / "annotations").mkdir()
     scene = Image.open(fixtures / "tiling" / "images" / "scene_640x427.jpg").convert("RGB")
-    items, images, anns = [], [], []
-    for i in range(1, count + 1):
-        name = f"val2014/COCO_val2014_{i:012d}.jpg"
-        scene.crop((i * 5, i * 3, i * 5 + 200, i * 3 + 150)).save(root / name)
-        items.append({"image": name, "caption": REFS})
-        images.append({"id": i})
-        anns += [{"image_id": i, "caption": c, "id": 10 * i + k} for k, c in enumerate(REFS)]
-    (root / "annotations" / "coco_karpathy_test.json").write_text(json.dumps(items))
-    (root / "annotations" / "coco_karpathy_test_gt.json").write_text(json.dumps({"images": images,
-                                                                                  "annotations": anns}))
-    return root
+    return write_coco_test_set(root, [(scene.crop((i * 5, i * 3, i * 5 + 200, i * 3 + 150)), REFS)
+                                      for i in range(1, count + 1)])
 
 
 def complete_lines(path: Path) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.coco_test_set import write_coco_test_set
 from helpers.multinode import succeeded, two_nodes
 from helpers.tiny_captions import write_tiny_captions
 
@@ -18,22 +19,11 @@ def tiny(tmp_path_factory):
     """A tiny InternVL2 and the tutorial's data/coco layout around five of its drawings and a truncated JPEG; returns
     (model folder, data folder)."""
     root, model, rows = write_tiny_captions(tmp_path_factory.mktemp("tiny"))
-    coco = root / "coco"
-    (coco / "val2014").mkdir(parents=True)
-    (coco / "annotations").mkdir()
-    items, images, anns = [], [], []
-    for i in range(1, 7):
-        name = f"val2014/COCO_val2014_{i:012d}.jpg"
-        jpeg = (root / "images" / f"{i - 1}.jpg").read_bytes()
-        (coco / name).write_bytes(jpeg if i < 6 else jpeg[:300])
-        refs = [r["caption"] for r in rows if r["image"] == f"images/{i - 1}.jpg"]
-        items.append({"image": name, "caption": refs})
-        images.append({"id": i})
-        anns += [{"image_id": i, "caption": c, "id": 10 * i + k} for k, c in enumerate(refs)]
-    (coco / "annotations" / "coco_karpathy_test.json").write_text(json.dumps(items))
-    gt = {"images": images, "annotations": anns}
-    (coco / "annotations" / "coco_karpathy_test_gt.json").write_text(json.dumps(gt))
-    return model, coco
+    images = []
+    for i in range(6):
+        jpeg = (root / "images" / f"{i}.jpg").read_bytes()
+        images.append((jpeg if i < 5 else jpeg[:300], [r["caption"] for r in rows if r["image"] == f"images/{i}.jpg"]))
+    return model, write_coco_test_set(root / "coco", images)
 
 
 def captions(out) -> list[dict]:

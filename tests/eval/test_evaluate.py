@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from helpers.coco_test_set import write_coco_test_set
 from PIL import Image
 
 from captune.cli import main
@@ -18,25 +19,11 @@ REFS = ["a picture of a scene", "an image with some shapes", "a scene with colou
 @pytest.fixture(scope="module")
 def coco_dir(tmp_path_factory, fixtures):
     """The tutorial's data/coco layout with 5 readable images (different tile counts) and a corrupt one."""
-    root = tmp_path_factory.mktemp("coco")
-    (root / "val2014").mkdir()
-    (root / "annotations").mkdir()
     sources = sorted((fixtures / "tiling" / "images").iterdir())
     pictures = [Image.open(p).convert("RGB") for p in sources]
     pictures += [pictures[0].resize((640, 360)), pictures[1].resize((300, 600))]
-    items, images, anns = [], [], []
-    for i, pic in enumerate(pictures + [None], start=1):
-        name = f"val2014/COCO_val2014_{i:012d}.jpg"
-        if pic is None:
-            (root / name).write_bytes(sources[1].read_bytes()[:1500])  # truncated
-        else:
-            pic.save(root / name)
-        items.append({"image": name, "caption": REFS})
-        images.append({"id": i})
-        anns += [{"image_id": i, "caption": c, "id": 10 * i + k} for k, c in enumerate(REFS)]
-    (root / "annotations" / "coco_karpathy_test.json").write_text(json.dumps(items))
-    (root / "annotations" / "coco_karpathy_test_gt.json").write_text(json.dumps({"images": images, "annotations": anns}))
-    return root
+    truncated = sources[1].read_bytes()[:1500]
+    return write_coco_test_set(tmp_path_factory.mktemp("coco"), [(p, REFS) for p in pictures + [truncated]])
 
 
 @pytest.fixture(scope="module")

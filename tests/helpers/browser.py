@@ -41,3 +41,22 @@ def run_chromium(chromium: str, profile: Path, *args: str) -> subprocess.Complet
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
     return proc
+
+
+def render(chromium: str, profile: Path, page: Path, shot: Path) -> int:
+    """Render `page` (its DOM after the scripts ran, and a 1200x900 screenshot at `shot`); assert that the page's
+    script finished and that the screenshot is not (nearly) blank; return the thumbnails it rendered (the body's
+    data-rendered count)."""
+    import re
+
+    from PIL import Image
+
+    dom = run_chromium(chromium, profile, "--dump-dom", page.as_uri()).stdout
+    rendered = re.search(r'<body[^>]*data-rendered="(\d+)"', dom)
+    assert rendered, "the page's script did not finish: " + dom[:500]
+    run_chromium(chromium, profile, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri())
+    with Image.open(shot) as image:
+        assert image.size == (1200, 900)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 50, "the screenshot is (nearly) blank"
+    return int(rendered.group(1))

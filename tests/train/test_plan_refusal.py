@@ -1,6 +1,6 @@
 """`captune train` refuses, before loading anything, a run that `captune plan` says cannot fit the GPU (saying what
 would fit), and a per-size recipe on a model of another size. The GPU is faked (its memory read by
-`start.gpu_memory_gb`); the models are the releases' config.json alone (tests/internvl/releases), so loading their
+`placement.card_gb`); the models are the releases' config.json alone (tests/internvl/releases), so loading their
 weights is impossible: a refusal that came after loading would fail on the missing weights instead."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from captune import distributed
 from captune.cli import main
 from captune.errors import CaptuneError
+from captune.internvl import placement
 from captune.train import config as cfg
 from captune.train import start
 
@@ -29,7 +30,7 @@ def fake_gpu(monkeypatch):
     memory = {"gb": 79.2}  # an 80 GB card as torch reports it
     monkeypatch.setattr(captune.devices, "check_device", lambda name, option="--device": name)
     monkeypatch.setattr(distributed, "init", lambda device=None: distributed.Context(device=torch.device("cuda", 0)))
-    monkeypatch.setattr(start, "gpu_memory_gb", lambda device: memory["gb"])
+    monkeypatch.setattr(placement, "card_gb", lambda device: memory["gb"])
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the plan's check")

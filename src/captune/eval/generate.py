@@ -111,13 +111,14 @@ def caption_images(
     max_tiles: int = 6,
     batch_size: int = 8,
     settings: GenerationSettings = GenerationSettings(),
+    engine: str = "static",
 ) -> list[str]:
-    """Caption images (PIL images or paths); one string per image, in order."""
+    """Caption images (PIL images or paths); one string per image, in order (`engine`: see `Captioner`)."""
     from captune.inputs.processor import DEFAULT_QUESTION
 
     question = question or DEFAULT_QUESTION
     captions: list[str] = []
-    with Captioner(model, processor, settings) as captioner:
+    with Captioner(model, processor, settings, engine) as captioner:
         for start in range(0, len(images), batch_size):
             captions += captioner(processor(images[start : start + batch_size], question=question, max_tiles=max_tiles))
     return captions

@@ -86,21 +86,6 @@ def _attention(config, name: str):
         config._attn_implementation = before
 
 
-def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) of each layer of transformers' dynamic cache, whichever version's layout."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def _drop_layer(cache, i: int) -> None:
-    """Free a dynamic-cache layer once copied (the prompt's cache and the static one coexist only while copying)."""
-    if hasattr(cache, "layers"):
-        cache.layers[i].keys = cache.layers[i].values = None
-    else:
-        cache.key_cache[i] = cache.value_cache[i] = None
-
-
 def _rope_modules(model) -> list:
     """The rotary embeddings whose frequencies transformers may recompute with the length (dynamic NTK, longrope)."""
     return [m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "original_max_seq_len")]
@@ -147,7 +132,9 @@ class GreedyDecoder:
         _register_attention()
 
     # ---------------------------------------------------------------------------------------------- state
-    def _allocate(self, rows: int, length: int, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _allocate(self, rows: int, length: int, like: list) -> None:
+        """Buffers for `rows` x `length` slots, each layer's shaped, typed and placed as `like`'s (dynamic-cache
+        layers) keys and values."""
         self.close()
         dev = self.device
         self.rows, self.length = rows, length
@@ -158,8 +145,10 @@ class GreedyDecoder:
         self.finished = torch.ones(rows, dtype=torch.bool, device=dev)  # [B]
         self.out = torch.full((rows, self.max_new), self.pad, dtype=torch.long, device=dev)  # [B, max_new]
         self.mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=dev)  # [B, 1, 1, L] keys each row sees
-        keys = [torch.zeros(rows, k.shape[1], length, k.shape[3], dtype=k.dtype, device=k.device) for k, _ in like]
-        values = [torch.zeros(rows, v.shape[1], length, v.shape[3], dtype=v.dtype, device=v.device) for _, v in like]
+        keys = [torch.zeros(rows, k.shape[1], length, k.shape[3], dtype=k.dtype, device=k.device)
+                for k in (layer.keys for layer in like)]
+        values = [torch.zeros(rows, v.shape[1], length, v.shape[3], dtype=v.dtype, device=v.device)
+                  for v in (layer.values for layer in like)]
         self.kv = StaticKV(keys, values, self.slot)
 
     def close(self) -> None:
@@ -245,17 +234,16 @@ class GreedyDecoder:
         model's device."""
         b, t = input_ids.shape
         logits, cache = self._prefill(input_ids, attention_mask, pixel_values)
-        layers = _cache_tensors(cache)
         if b > self.rows or t + self.max_new > self.length:
             # sized for the largest batch seen (eval sends the longest prompts first), rounded to spare reallocations
-            self._allocate(max(b, self.rows), -(-(t + self.max_new) // 64) * 64, layers)
+            self._allocate(max(b, self.rows), -(-(t + self.max_new) // 64) * 64, cache.layers)
             if self.graphs and self.max_new > 1:
                 self._capture()
-        for i, (k, v) in enumerate(layers):
-            self.kv.keys[i][:b, :, :t].copy_(k)
-            self.kv.values[i][:b, :, :t].copy_(v)
-            _drop_layer(cache, i)
-        del layers, cache
+        for i, layer in enumerate(cache.layers):  # transformers' dynamic cache
+            self.kv.keys[i][:b, :, :t].copy_(layer.keys)
+            self.kv.values[i][:b, :, :t].copy_(layer.values)
+            layer.keys = layer.values = None  # each layer freed once copied
+        del cache
         self.mask.zero_()
         self.mask[:b, 0, 0, :t] = attention_mask.bool()
         self.mask[b:, 0, 0, 0] = True  # unused rows see one key: no empty softmax

@@ -97,17 +97,23 @@ def load_original(ckpt: Checkpoint, dtype, device, attn_implementation, image_to
     Peak memory is the model in `dtype` plus one tensor: no state dict of the whole model is ever built.
     """
     model = empty_model(ckpt, attn_implementation, image_token_id)
+    stream_weights(model, ckpt, dtype, lambda name: device)
+    return model
+
+
+def stream_weights(model: nn.Module, ckpt: Checkpoint, dtype, device_of: Callable[[str], torch.device]) -> None:
+    """Fill a meta-device model tensor by tensor, each straight onto `device_of(its name)` in `dtype`, then tie the
+    head if the checkpoint has none and rebuild the derived buffers there."""
 
     def assign(name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
         module_name, _, attr = name.rpartition(".")
-        value = tensor.to(device=device, dtype=dtype)
+        value = tensor.to(device=device_of(name), dtype=dtype)
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=param.requires_grad)
 
     fill_weights(model, ckpt, assign)
     if not lm_head_in(ckpt):
         model.tie_weights()
-    rebuild_buffers(model, device, only_meta=True)
-    return model
+    rebuild_buffers(model, device_of, only_meta=True)
 
 
 def load_placed(ckpt: Checkpoint, dtype, device_map: dict[str, torch.device], attn_implementation, image_token_id):
@@ -123,16 +129,7 @@ def load_placed(ckpt: Checkpoint, dtype, device_map: dict[str, torch.device], at
 
     model = empty_model(ckpt, attn_implementation, image_token_id)
     check_device_map(model, device_map)
-
-    def assign(name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
-        module_name, _, attr = name.rpartition(".")
-        value = tensor.to(device=placed_device(name, device_map), dtype=dtype)
-        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=param.requires_grad)
-
-    fill_weights(model, ckpt, assign)
-    if not lm_head_in(ckpt):
-        model.tie_weights()
-    rebuild_buffers(model, lambda name: placed_device(name, device_map), only_meta=True)
+    stream_weights(model, ckpt, dtype, lambda name: placed_device(name, device_map))
     if ckpt.layout == "hf" and (ckpt.path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 

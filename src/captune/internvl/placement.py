@@ -287,8 +287,8 @@ def assign_gpus(model: str | Path, gpus_per_model: int | str = "auto", device: s
 
 
 
-def card_gb(index: int) -> float:
-    """Total GB of GPU `index` (no CUDA context is made for it)."""
+def card_gb(index: int | torch.device) -> float:
+    """Total GB of a GPU (2^30 bytes, as `captune plan --gpu-memory`; no CUDA context is made for it)."""
     return torch.cuda.get_device_properties(index).total_memory / P.GB
 
 

@@ -323,7 +323,6 @@ def release_size(total: int) -> str | None:
     size, ref = min(RELEASES.items(), key=lambda kv: abs(kv[1] - total))
     return size if abs(ref - total) <= 0.05 * ref else None
 
-
 def check_recipe_size(recipe: str, size: str | None) -> None:
     """Refuse a shipped per-size recipe (internvl2_<size>_...) on a model of another size."""
     parts = Path(recipe).name.split("_")
@@ -333,15 +332,8 @@ def check_recipe_size(recipe: str, size: str | None) -> None:
 
 
 def plan(model: Path, gpus: int = 1, gpu_memory: float = 80.0, recipe: str | None = None, json: bool = False) -> dict:
-    """Plan evaluation and LoRA training of a model from its config.json: memory per GPU, strategy, time.
-
-    Args:
-        model: a model folder (only its config.json is read; original or native layout) or a config.json
-        gpus: GPUs on the machine
-        gpu_memory: memory of each GPU in GB (2^30 bytes; 10% is kept free)
-        recipe: the training recipe (default: the model size's internvl2_<size>_coco_lora)
-        json: print JSON instead of a table
-    """
+    """`captune plan` (its arguments are documented with the command, `cli_sizing.plan`): evaluation and LoRA
+    training of a model from its config.json, printed, and returned as a dict: memory per GPU, strategy, time."""
     if gpus < 1 or gpu_memory <= 0:
         raise CaptuneError("--gpus must be at least 1 and --gpu-memory positive")
     config = read_config(model)

@@ -243,21 +243,26 @@ def recipe_values(recipe: str | None) -> TrainConfig:
     return config
 
 
+def model_release(model: str):
+    """(shape, release size or None) of a model, from its config.json alone (an adapter folder's: its base model's),
+    by `captune plan`'s parameter count; None when that cannot be read (the model check that follows says why)."""
+    from captune.internvl import plan
+    from captune.internvl.lora import model_folder
+
+    try:
+        shape = plan.model_shape(plan.read_config(model_folder(model)))
+    except (CaptuneError, OSError, KeyError, TypeError, ValueError):
+        return None
+    return shape, plan.release_size(plan.parameter_counts(shape)["total"])
+
+
 def default_recipe(model: str | None) -> str:
     """The shipped recipe of the model's InternVL2 release size (InternVL2-8B: internvl2_8b_coco_lora), read from its
     config.json alone (`captune plan`'s parameter count); the tutorial's 2B recipe for any other model, or for a
     folder that cannot be read (the model check then says why)."""
-    if model:
-        from captune.internvl import plan
-        from captune.internvl.lora import model_folder
-
-        try:
-            size = plan.release_size(plan.parameter_counts(plan.model_shape(plan.read_config(model_folder(model))))
-                                     ["total"])
-        except (CaptuneError, OSError, KeyError, TypeError, ValueError):
-            size = None
-        if size and f"internvl2_{size}_coco_lora" in recipe_names():
-            return f"internvl2_{size}_coco_lora"
+    found = model_release(model) if model else None
+    if found and found[1] and f"internvl2_{found[1]}_coco_lora" in recipe_names():
+        return f"internvl2_{found[1]}_coco_lora"
     return TrainConfig.recipe
 
 

@@ -107,13 +107,6 @@ def check_model(model: str):
     return processor_for(ckpt, load_tokenizer(ckpt.path))
 
 
-def gpu_memory_gb(device) -> float:
-    """Memory of the GPU `device` in GB (2^30 bytes, as `captune plan --gpu-memory`)."""
-    import torch
-
-    return torch.cuda.get_device_properties(device).total_memory / 2**30
-
-
 def check_plan(config: cfg.TrainConfig, ctx: distributed.Context) -> None:
     """Refuse, before anything is loaded, a shipped per-size recipe on a model of another size, and (on GPUs, in
     bf16/fp16) a run that `captune plan` says cannot fit this GPU, saying what would fit.
@@ -124,17 +117,17 @@ def check_plan(config: cfg.TrainConfig, ctx: distributed.Context) -> None:
     """
     from captune.devices import resolve_dtype
     from captune.internvl import plan
-    from captune.internvl.lora import model_folder
+    from captune.internvl.placement import card_gb
 
-    try:
-        shape = plan.model_shape(plan.read_config(model_folder(config.model)))
-    except (CaptuneError, OSError, KeyError, TypeError, ValueError):
+    found = cfg.model_release(config.model)
+    if found is None:
         return  # check_model says what is wrong with the folder
-    plan.check_recipe_size(config.recipe, plan.release_size(plan.parameter_counts(shape)["total"]))
+    shape, size = found
+    plan.check_recipe_size(config.recipe, size)
     if ctx.device.type != "cuda" or resolve_dtype(None if config.dtype == "auto" else config.dtype,
                                                   ctx.device).itemsize != 2:
         return  # no fixed memory on the CPU; the plan counts 16-bit weights
-    total = gpu_memory_gb(ctx.device)
+    total = card_gb(ctx.device)
     usable = total * plan.USABLE_FRACTION
     gpus, sharded = ctx.world_size, config.fsdp and ctx.distributed
 
