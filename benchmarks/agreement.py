@@ -13,7 +13,6 @@ identical captions. float32 on the CPU gives identical captions, also for rows o
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,8 @@ import torch
 
 import captune
 from captune.data.synthetic import random_scene, render_scene
+from captune.demo.bench import report
 from captune.eval.generate import caption_images
-
 
 
 def main() -> None:
@@ -47,10 +46,7 @@ def main() -> None:
               "captune_batch_vs_batch1": sum(a == b for a, b in zip(static, one)) / n,
               "captune_vs_generate_same_batches": sum(a == b for a, b in zip(static, plain)) / n,
               "distinct_captions": len(set(static)), "examples": static[:3]}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out, "agreement.json")
 
 
 if __name__ == "__main__":

@@ -71,9 +71,10 @@ def test_compiled_training_step_equals_eager(tmp_path):
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 def test_graphed_decoder_equals_eager_and_generate(device):
-    """On a GPU the decode step is one CUDA-graph replay: the same tokens as the same step run eagerly, and in
-    float32 the tokens of transformers' `generate` (left-padded rows of different tile counts; the most frequent
-    token as stop, so that rows end at different steps), then the buffers reused for a smaller, shorter batch.
+    """On a GPU the decode step is one CUDA-graph replay and the prompt's forward compiled: the same tokens as
+    both run eagerly, and in float32 the tokens of transformers' `generate` (left-padded rows of different tile
+    counts; the most frequent token as stop, so that rows end at different steps), then the buffers reused for a
+    smaller, shorter batch.
     Also on a GPU that is not the current one (the graph must be captured on the model's GPU)."""
     from helpers.demo_model import demo_model_and_images
 
@@ -87,16 +88,16 @@ def test_graphed_decoder_equals_eager_and_generate(device):
     inputs = model_inputs(model, processor(images, max_tiles=6))
     free = model.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=pad)
     stop = int(torch.mode(free[:, inputs["input_ids"].shape[1]:].flatten()).values)
-    graphed = GreedyDecoder(model, stop, pad, 12, 2)
+    graphed = GreedyDecoder(model, stop, pad, 12, 2, compile=True)
     eager = GreedyDecoder(model, stop, pad, 12, 2, graphs=False)
-    assert graphed.graphs
+    assert graphed.graphs and graphed.compiled
     for chunk in (images, images[1:4]):
         inputs = model_inputs(model, processor(chunk, max_tiles=6))
         assert not bool(inputs["attention_mask"].all())
         expected = model.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=2, eos_token_id=stop,
                                   pad_token_id=pad)[:, inputs["input_ids"].shape[1]:]
         got = graphed(**inputs)
-        assert graphed.graph is not None
+        assert graphed.graph is not None and graphed.compiled  # neither fell back
         assert torch.equal(got, eager(**inputs))
         assert torch.equal(got, expected)
         assert (expected == stop).any()  # rows stop: the stop token and the padding after it are checked

@@ -152,15 +152,15 @@ def reference_eval(fixtures, tmp_path_factory):
     (root / "gt.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [
         {"image_id": 1, "id": k, "caption": c} for k, c in enumerate(REFS)]}))
     calls = []
-    real_call = GreedyDecoder.__call__
+    real_start = GreedyDecoder.start
 
-    def recording_call(self, **inputs):
+    def recording_start(self, padded=None, **inputs):
         calls.append({**{k: v.clone() for k, v in inputs.items()},
                       "settings": (self.stop, self.min_new, self.max_new)})
-        return real_call(self, **inputs)
+        return real_start(self, padded=padded, **inputs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(GreedyDecoder, "__call__", recording_call)
+        mp.setattr(GreedyDecoder, "start", recording_start)
         code = main(["eval", str(fixtures / "models" / "internvl2_2b_mini"), "--test-json", str(root / "test.json"),
                      "--gt-json", str(root / "gt.json"), "--image-root", str(images), "--out", str(root / "out"),
                      "--num-workers", "0", "--device", "cpu"])

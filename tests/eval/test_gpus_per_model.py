@@ -117,8 +117,8 @@ def ids(gpus: L.ModelGPUs) -> list[int]:
     ("InternVL2-26B", dict(count=8, total=141.0), {}, [0], 64),  # an H200 holds batch 64
     ("InternVL2-40B", dict(count=8), {}, [0, 1], 32),
     ("InternVL2-40B", dict(count=8, total=141.0), {}, [0], 32),
-    ("InternVL2-Llama3-76B", dict(count=8), {}, [0, 1, 2], 16),
-    ("InternVL2-Llama3-76B", dict(count=8), {"batch_size": 64}, [0, 1, 2, 3, 4, 5], 64),
+    ("InternVL2-Llama3-76B", dict(count=8), {}, [0, 1, 2], 32),
+    ("InternVL2-Llama3-76B", dict(count=8), {"batch_size": 64}, [0, 1, 2, 3, 4], 64),
     ("InternVL2-40B", dict(count=8, procs=4, rank=3), {}, [6, 7], 32),  # torchrun: rank r takes 2r, 2r+1
     ("InternVL2-40B", dict(count=8), {"device": "cuda:4"}, [4, 5], 32),
     ("InternVL2-8B", dict(count=8), {"gpus_per_model": 4}, [0, 1, 2, 3], 64),  # asked for, though one would do

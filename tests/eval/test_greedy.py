@@ -77,3 +77,49 @@ def test_captioner_engines_agree(mini):
         captions = static(batch)
     with Captioner(model, processor, settings, engine="generate") as plain:
         assert plain(batch) == captions
+
+
+def test_compiled_prompt_gives_the_eager_tokens():
+    """The prompt's forward through torch.compile (vision tower and LLM; the model's own forward joining them
+    eagerly) writes the same keys and values and gives the same tokens as eagerly, for batches of other sizes,
+    tile counts and padding (recompiled with symbolic dimensions), without falling back to eager."""
+    import warnings
+
+    from helpers.demo_model import demo_model_and_images
+
+    model, processor, images = demo_model_and_images("cpu")
+    pad = processor.pad_token_id
+    compiled = GreedyDecoder(model, 5, pad, 10, 2, compile=True)
+    eager = GreedyDecoder(model, 5, pad, 10, 2, compile=False)
+    assert compiled.compiled and not eager.compiled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager warns
+        for chunk in (images, images[1:4], images[:1] * 3):
+            inputs = model_inputs(model, processor(chunk, max_tiles=6))
+            assert torch.equal(compiled(**inputs), eager(**inputs))
+    assert compiled.compiled
+    assert "forward" not in vars(model.model.language_model)  # the model is left as it was
+
+
+def test_overlapped_captions_in_order(mini):
+    """`Captioner.overlapped` (the next batch started before the previous one's captions are given out) gives
+    every item its own batch's captions, in order, items without a batch included."""
+    model, processor, images = mini
+    settings = GenerationSettings(max_new_tokens=6, min_new_tokens=2)
+    items = [images[:3], None, images[3:4], images[4:], None]
+    with Captioner(model, processor, settings) as captioner:
+        expected = [captioner(processor(i, max_tiles=6)) if i is not None else [] for i in items]
+        got = list(captioner.overlapped(items, lambda i: None if i is None else processor(i, max_tiles=6)))
+    assert [item for item, _ in got] == items
+    assert [captions for _, captions in got] == expected
+    assert len({tuple(c) for c in expected if c}) == 3  # the batches' captions differ: a mix-up would show
+
+
+def test_compile_choice():
+    """--compile auto compiles only runs long enough to repay the compilation (COMPILE_FROM_IMAGES)."""
+    from captune.eval.generate import COMPILE_FROM_IMAGES, compile_choice
+
+    assert compile_choice("auto", 5000) is False and compile_choice("auto", COMPILE_FROM_IMAGES) is True
+    assert compile_choice("on", 1) is True and compile_choice("off", 10**9) is False
+    with pytest.raises(ValueError, match="auto, on or off"):
+        compile_choice("yes", 1)

@@ -24,8 +24,8 @@ NAMES = ["InternVL2-1B", "InternVL2-2B", "InternVL2-4B", "InternVL2-8B", "Intern
          "InternVL2-Llama3-76B"]
 USABLE = 80 * P.USABLE_FRACTION  # an 80 GB GPU, as `captune plan --gpu-memory 80`
 # The fewest 80 GB GPUs per model at batch 8 (what `auto` plans for) and at batch 64 (captune eval's default).
-PLANNED = {"InternVL2-1B": (1, 1), "InternVL2-2B": (1, 1), "InternVL2-4B": (1, 2), "InternVL2-8B": (1, 1),
-           "InternVL2-26B": (1, 2), "InternVL2-40B": (2, 3), "InternVL2-Llama3-76B": (3, 6)}
+PLANNED = {"InternVL2-1B": (1, 1), "InternVL2-2B": (1, 1), "InternVL2-4B": (1, 1), "InternVL2-8B": (1, 1),
+           "InternVL2-26B": (1, 2), "InternVL2-40B": (2, 3), "InternVL2-Llama3-76B": (3, 5)}
 DEMO_BASE = Path(captune.__file__).resolve().parent / "demo" / "assets" / "demo_base"
 
 
@@ -58,7 +58,7 @@ def layer_cost_gb(s: P.Shape, batch: int) -> float:
 @pytest.mark.parametrize("name", NAMES)
 def test_fewest_gpus_per_release(name):
     """40B needs 2 GPUs of 80 GB and 76B 3 at batch 8, as `captune plan` says (its even split and this placement
-    agree); at batch 64, 4B and 26B need 2, 40B 3 and 76B 6. One GPU fewer never fits."""
+    agree); at batch 64, 26B needs 2, 40B 3 and 76B 5. One GPU fewer never fits."""
     s = shape(name)
     for batch, expected in zip((8, 64), PLANNED[name]):
         found = L.fewest_gpus(s, USABLE, batch)
@@ -99,12 +99,16 @@ def test_device_map_places_every_module_once_and_splits_no_layer(name, k):
 def test_memory_is_the_plans_and_balanced(name, k):
     """The GPUs' weights add up to the model's and their KV caches to the plan's; one GPU is exactly
     `plan.eval_memory`. Balance, the stated tolerance: every GPU's total is within one LLM layer (its weights and
-    KV cache) of the balanced share and of the plan's even per-GPU figure (eval_memory over K GPUs), except the first
-    (or last) GPU when it holds a single layer because its vision tower (or LM head) alone is over the share (26B and
-    40B on 4 or 8 GPUs, 1B/2B on 8): it is then above, and the others are within one layer of the share."""
+    KV cache) of the balanced share, and at most one layer above the plan's even per-GPU figure (eval_memory over K
+    GPUs, which counts the vision tower's activations on every GPU: below it by at most that excess over the LLM's),
+    except the first (or last) GPU when it holds a single layer because its vision tower (or LM head) alone is over
+    the share (26B and 40B on 4 or 8 GPUs, 1B/2B on 8): it is then above, and the others are within one layer of the
+    share."""
     s, batch = shape(name), 8
     placement = L.place(s, [USABLE] * k, batch)
     mem, even, layer = placement.memory_gb, P.eval_memory(s, batch, k), layer_cost_gb(s, batch)
+    costs = L.Costs.of(s, batch)
+    vision_excess = max(0.0, costs.vision_act - costs.llm_act) / P.GB
     assert sum(m["weights"] for m in mem) == pytest.approx(P.parameter_counts(s)["total"] * 2 / P.GB, rel=1e-9)
     assert sum(m["kv_cache"] for m in mem) == pytest.approx(even["kv_cache"] * k, rel=1e-9)
     if k == 1:
@@ -117,19 +121,20 @@ def test_memory_is_the_plans_and_balanced(name, k):
             continue
         assert abs(m["total"] - share) <= layer + 1e-9, (i, m["total"], share, layer)
         if not held:
-            assert abs(m["total"] - even["total"]) <= layer + 1e-9, (i, m["total"], even["total"])
+            assert even["total"] - layer - vision_excess - 1e-9 <= m["total"] <= even["total"] + layer + 1e-9, \
+                (i, m["total"], even["total"])
 
 
 # LLM layers per GPU at batch 8 on 80 GB GPUs. The first GPU holds the vision tower (InternViT-6B: 11 GB for 26B and
 # up) and its activations, the last the LM head (1B's and 2B's vocabularies outweigh several of their small layers).
 LAYERS = {
     "InternVL2-1B": {2: (1, 23), 4: (1, 10, 10, 3), 8: (1, 4, 3, 4, 4, 3, 4, 1)},
-    "InternVL2-2B": {2: (11, 13), 4: (3, 8, 7, 6), 8: (1, 4, 3, 4, 3, 4, 3, 2)},
-    "InternVL2-4B": {2: (15, 17), 4: (7, 8, 9, 8), 8: (3, 4, 4, 4, 5, 4, 4, 4)},
+    "InternVL2-2B": {2: (9, 15), 4: (1, 8, 9, 6), 8: (1, 4, 3, 4, 3, 4, 4, 1)},
+    "InternVL2-4B": {2: (15, 17), 4: (6, 9, 9, 8), 8: (1, 5, 4, 5, 4, 5, 4, 4)},
     "InternVL2-8B": {2: (15, 17), 4: (6, 9, 9, 8), 8: (2, 4, 5, 4, 5, 4, 5, 3)},
-    "InternVL2-26B": {2: (18, 30), 4: (1, 16, 16, 15), 8: (1, 7, 7, 7, 7, 6, 7, 6)},
-    "InternVL2-40B": {2: (25, 35), 4: (7, 18, 18, 17), 8: (1, 9, 8, 9, 8, 9, 8, 8)},
-    "InternVL2-Llama3-76B": {3: (22, 30, 28), 2: (37, 43), 4: (15, 22, 22, 21), 8: (4, 11, 11, 11, 11, 11, 11, 10)},
+    "InternVL2-26B": {2: (16, 32), 4: (1, 16, 16, 15), 8: (1, 7, 7, 7, 7, 7, 7, 5)},
+    "InternVL2-40B": {2: (24, 36), 4: (6, 18, 18, 18), 8: (1, 9, 8, 9, 8, 9, 8, 8)},
+    "InternVL2-Llama3-76B": {3: (21, 30, 29), 2: (37, 43), 4: (14, 23, 22, 21), 8: (3, 11, 11, 12, 11, 11, 11, 10)},
 }
 
 

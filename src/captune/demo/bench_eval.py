@@ -11,6 +11,7 @@ shape), and where (b)'s time goes (vision tower, prompt, decoding, the rest). Th
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,12 @@ def _caption_run(model, processor, paths: list[Path], batch_size: int, workers: 
                  engine: str) -> tuple[float, dict[int, str]]:
     """Wall seconds to caption `paths` end to end (images decoded and tiled in workers), and the captions."""
     from captune.data.evalsets import EvalImage
-    from captune.eval.evaluate import CaptionLog, EvalSettings, generate_captions, read_jsonl
+    from captune.eval.evaluate import (
+        CaptionLog,
+        EvalSettings,
+        generate_captions,
+        read_jsonl,
+    )
 
     images = [EvalImage(i, p) for i, p in enumerate(paths)]
     settings = EvalSettings(model="random", test_json="-", max_tiles=6, max_new_tokens=tokens, min_new_tokens=tokens)
@@ -70,19 +76,20 @@ def _timed(device: torch.device, fn, repeats: int = 3) -> float:
 @torch.inference_mode()
 def time_breakdown(model, processor, paths: list[Path], tokens: int) -> dict:
     """Seconds per batch of `len(paths)` images in each part of captune's path, the batch already on the GPU:
-    the vision tower (with projector), the whole prompt (vision tower + LLM, first-token logits), and prompt +
+    the vision tower (with projector), the whole prompt (vision tower + LLM, first new token), and prompt +
     decoding (`eval/greedy.py`); decoding = the difference."""
     from captune.eval.generate import Captioner, GenerationSettings, model_inputs
 
     batch = processor(paths, max_tiles=6)
     inputs = model_inputs(model, batch)
     dev = model.device
-    vision = _timed(dev, lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]))
-    prompt = _timed(dev, lambda: model(**{k: v for k, v in inputs.items() if k != "attention_mask"},
-                                       use_cache=True, logits_to_keep=1))
     settings = GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens)
     with Captioner(model, processor, settings) as captioner:
-        whole = _timed(dev, lambda: captioner.decoder(**inputs))
+        decoder = captioner.decoder
+
+        vision = _timed(dev, lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        prompt = _timed(dev, lambda: decoder.start(**inputs))
+        whole = _timed(dev, lambda: decoder(**inputs))
     n = len(paths)
     return {"batch": n, "vision_tower_s": vision, "llm_prompt_s": prompt - vision, "decode_s": whole - prompt,
             "gpu_total_s": whole, "gpu_images_per_s": n / whole}
@@ -101,7 +108,7 @@ def profile_batch(model, processor, paths: list[Path], tokens: int, path: Path) 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             captioner.decoder(**inputs)
             cuda_sync(model.device)
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30) + "\n")
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40) + "\n")
 
 
 def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images: int = 24,
@@ -127,14 +134,14 @@ def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images:
         a, _ = _caption_run(model, processor, paths[:baseline_images], 1, 1, tokens, "generate")
         result["a_one_at_a_time"] = {"images": baseline_images, "seconds": a, "images_per_s": baseline_images / a,
                                      "peak_gb": peak_gb(dev)}
-        one = {}
-        if agreement_images:
-            _, one = _caption_run(model, processor, paths[:agreement_images], 1, workers, tokens, "static")
+        print(f"captune bench eval: (a) {baseline_images / a:.2f} images/s", file=sys.stderr, flush=True)
+        static = {}
         for size in batch_sizes:
             captions = {}
             for name, engine in (("b_captune", "static"), ("c_generate", "generate")):
                 key = f"{name}_batch{size}"
-                _caption_run(model, processor, paths[:size], size, workers, tokens, engine)  # warm-up at full size
+                # warm-up at full size (captune: the decode step captured)
+                warm, _ = _caption_run(model, processor, paths[:size], size, workers, tokens, engine)
                 reset_peak(dev)
                 try:
                     seconds, captions[engine] = _caption_run(model, processor, paths[:images], size, workers, tokens,
@@ -144,15 +151,21 @@ def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images:
                     torch.cuda.empty_cache()
                     continue
                 rate = images / seconds
-                result[key] = {"seconds": seconds, "images_per_s": rate, "peak_gb": peak_gb(dev),
+                result[key] = {"seconds": seconds, "images_per_s": rate, "peak_gb": peak_gb(dev), "warm_up_s": warm,
                                "speedup_vs_a": rate / result["a_one_at_a_time"]["images_per_s"],
                                "coco_test_5000_minutes": 5000 / rate / 60}
+                print(f"captune bench eval: {key}: {rate:.2f} images/s, peak {result[key]['peak_gb']:.1f} GB, "
+                      f"warm-up {warm:.0f} s", file=sys.stderr, flush=True)
             b, c = result.get(f"b_captune_batch{size}", {}), result.get(f"c_generate_batch{size}", {})
             if "images_per_s" in b and "images_per_s" in c:
                 b["speedup_vs_c"] = b["images_per_s"] / c["images_per_s"]
+            static[size] = captions.get("static", {})
             if len(captions) == 2:
-                result[f"agreement_batch{size}"] = {"captune_vs_generate": _same(captions["static"], captions["generate"]),
-                                                    "captune_vs_batch1": _same(captions["static"], one)}
+                result[f"agreement_batch{size}"] = {"captune_vs_generate": _same(captions["static"], captions["generate"])}
+        if agreement_images:  # after the timed rows, so that the first (b) warm-up includes the first compilation
+            _, one = _caption_run(model, processor, paths[:agreement_images], 1, workers, tokens, "static")
+            for size, captions in static.items():
+                result.setdefault(f"agreement_batch{size}", {})["captune_vs_batch1"] = _same(captions, one)
         size = batch_sizes[0]
         result[f"breakdown_batch{size}"] = time_breakdown(model, processor, paths[:size], tokens)
         if profile and out:

@@ -159,8 +159,10 @@ def generate_captions(
     num_workers: int,
     progress: bool = True,
     engine: str = "static",
+    compile: bool = False,
 ) -> tuple[int, int]:
-    """Caption `images` in batches, logging each batch as soon as it is done; return (captioned, skipped)."""
+    """Caption `images` in batches, logging each batch as soon as it is done (while the GPU works on the next);
+    return (captioned, skipped). `engine`, `compile`: see `Captioner`."""
     from tqdm import tqdm
 
     ordered = order_by_tiles(images, processor, settings.max_tiles)
@@ -178,12 +180,10 @@ def generate_captions(
     gen = GenerationSettings(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens)
     captioned = skipped = 0
     bar = tqdm(total=len(ordered), desc="captioning", unit="img", disable=not progress, dynamic_ncols=True)
-    captioner = Captioner(model, processor, gen, engine)
+    captioner = Captioner(model, processor, gen, engine, compile)
     try:
-        for chunk in loader:
-            rows = []
-            if chunk["batch"] is not None:
-                rows = [{**item, "caption": caption} for item, caption in zip(chunk["items"], captioner(chunk["batch"]))]
+        for chunk, captions in captioner.overlapped(loader, lambda c: c["batch"]):
+            rows = [{**item, "caption": caption} for item, caption in zip(chunk["items"], captions)]
             for err in chunk["errors"]:
                 tqdm.write(f"captune: skipped {err['error']}")
             log.add(rows, [{"image_id": e["image_id"], "image": e["image"], "reason": e["error"]}

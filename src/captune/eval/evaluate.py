@@ -130,18 +130,22 @@ def evaluate(
     question: str = DEFAULT_QUESTION,
     force: bool = False,
     gpus_per_model: int | str = "auto",
+    compile: str = "auto",
 ) -> dict | None:
     """Caption the test set, write results.json, score it with the official COCO metrics, write the report.
 
     Everything the run needs (the GPUs for the model, the test set and its ground truth, the model and its
     tokenizer, OUT) is checked before OUT is created and the first image captioned: a failed start writes nothing.
     `gpus_per_model` K spreads each model over K GPUs ("auto": the fewest that fit, `internvl.placement`); under
-    torchrun each process takes K consecutive GPUs and the processes share the images.
+    torchrun each process takes K consecutive GPUs and the processes share the images. `compile`: see
+    `eval.generate.compile_choice`.
     """
     from captune.devices import resolve_dtype, short_dtype_name
+    from captune.eval.generate import compile_choice
     from captune.internvl.load import load
     from captune.internvl.placement import assign_gpus
 
+    compile_choice(compile, 0)  # a bad value stops here
     gpus = assign_gpus(model, gpus_per_model, device, batch_size, dtype=dtype)  # before init: it picks the device
     ctx = distributed.init(str(gpus.device))
     try:
@@ -182,7 +186,8 @@ def evaluate(
             try:
                 bs = batch_size or gpus.batch or (64 if ctx.device.type == "cuda" else 4)
                 workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-                generate_captions(net, processor, mine, log, settings, bs, workers, progress=ctx.is_main)
+                generate_captions(net, processor, mine, log, settings, bs, workers, progress=ctx.is_main,
+                                  compile=compile_choice(compile, len(mine)))
             except KeyboardInterrupt:
                 log.close()
                 kept = len(done_captions(out_dir).keys() & {im.image_id for im in evalset.images})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,17 @@ def generation_config(processor: Processor, settings: GenerationSettings):
 
 
 ENGINES = ("static", "generate")
+_END = object()
+# --compile auto: on one H200 (2026-12-01, 2B, batch 64) compiling the prompt's forward took 119 s (+21 s for a
+# second shape) and saved 83 ms a batch (1.977 -> 1.894 s): worth it from ~100k images (docs/benchmarks.md)
+COMPILE_FROM_IMAGES = 100_000
+
+
+def compile_choice(setting: str, images: int) -> bool:
+    """--compile on/off/auto for `images` images (auto: on from `COMPILE_FROM_IMAGES`)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, not {setting!r}")
+    return images >= COMPILE_FROM_IMAGES if setting == "auto" else setting == "on"
 
 
 def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,11 +67,12 @@ def generate_ids(model, processor: Processor, batch: dict[str, torch.Tensor], se
 
 class Captioner:
     """Collated batches to captions. `engine`: "static", captune's decoder (`eval/greedy.py`: a static cache and,
-    on one GPU, a CUDA-graphed step), or "generate", transformers' `generate` (the same tokens; used for attention
-    implementations other than SDPA, whose masks the static decoder does not build). Holds the decoder's buffers
-    until `close` (or the end of a `with` block)."""
+    on one GPU, a CUDA-graphed step; `compile`: the prompt's forward compiled), or "generate", transformers'
+    `generate` (the same tokens; used for attention implementations other than SDPA, whose masks the static decoder
+    does not build). Holds the decoder's buffers until `close` (or the end of a `with` block)."""
 
-    def __init__(self, model, processor: Processor, settings: GenerationSettings, engine: str = "static"):
+    def __init__(self, model, processor: Processor, settings: GenerationSettings, engine: str = "static",
+                 compile: bool = False):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
         attn = getattr(model.config.get_text_config(), "_attn_implementation", "sdpa")
@@ -67,20 +80,60 @@ class Captioner:
             engine = "generate"
         self.model, self.processor, self.settings, self.engine = model, processor, settings, engine
         self.decoder = None
+        self.pending = None  # the new ids of a batch `start`ed with transformers' generate
         if engine == "static":
             from captune.eval.greedy import GreedyDecoder
 
             self.decoder = GreedyDecoder(model, processor.stop_token_id, processor.pad_token_id,
-                                         settings.max_new_tokens, settings.min_new_tokens)
+                                         settings.max_new_tokens, settings.min_new_tokens, compile=compile)
+
+    def start(self, batch: dict[str, torch.Tensor]) -> None:
+        """Queue a collated batch on the GPU (with `generate`: caption it)."""
+        if self.decoder is None:
+            self.pending = generate_ids(self.model, self.processor, batch, self.settings).cpu()
+            return
+        padded = not bool(batch["attention_mask"].all())  # asked of the host copy: no wait for the GPU
+        self.decoder.start(**model_inputs(self.model, batch), padded=padded)
+
+    def finish(self) -> torch.Tensor:
+        """The new token ids `[B, <= max_new_tokens]` of the batch `start`ed, on the CPU."""
+        if self.decoder is None:
+            ids, self.pending = self.pending, None
+            return ids
+        return self.decoder.finish().to("cpu", copy=True)  # a copy also on the CPU: the next batch reuses the buffer
 
     def ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The new token ids `[B, <= max_new_tokens]` of a collated batch, on the CPU."""
-        if self.decoder is None:
-            return generate_ids(self.model, self.processor, batch, self.settings).cpu()
-        return self.decoder(**model_inputs(self.model, batch)).cpu()
+        self.start(batch)
+        return self.finish()
+
+    def texts(self, ids: torch.Tensor) -> list[str]:
+        return [self.processor.decode(row) for row in ids]
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> list[str]:
-        return [self.processor.decode(row) for row in self.ids(batch)]
+        return self.texts(self.ids(batch))
+
+    def overlapped(self, items: Iterable, batch_of: Callable) -> Iterator[tuple[object, list[str]]]:
+        """(item, captions) for each item of `items`, in order, where `batch_of(item)` is its collated batch (None:
+        no captions). Each batch is started on the GPU before the previous batch's captions are decoded and given
+        out, so that the caller's work on them (writing, progress) overlaps the GPU's on the next batch."""
+        ready: list[tuple[object, torch.Tensor | None]] = []  # done on the GPU, not yet given out
+        items = iter(items)
+        item = next(items, _END)
+        while item is not _END:
+            batch = batch_of(item)
+            if batch is None:
+                ready.append((item, None))
+                item = next(items, _END)
+                continue
+            self.start(batch)
+            for done, ids in ready:
+                yield done, [] if ids is None else self.texts(ids)
+            following = next(items, _END)  # fetched (a DataLoader's next batch) while the GPU works
+            ready = [(item, self.finish())]
+            item = following
+        for done, ids in ready:
+            yield done, [] if ids is None else self.texts(ids)
 
     def close(self) -> None:
         if self.decoder is not None:
@@ -112,13 +165,16 @@ def caption_images(
     batch_size: int = 8,
     settings: GenerationSettings = GenerationSettings(),
     engine: str = "static",
+    compile: bool = False,
 ) -> list[str]:
-    """Caption images (PIL images or paths); one string per image, in order (`engine`: see `Captioner`)."""
+    """Caption images (PIL images or paths); one string per image, in order (`engine`, `compile`: see
+    `Captioner`)."""
     from captune.inputs.processor import DEFAULT_QUESTION
 
     question = question or DEFAULT_QUESTION
     captions: list[str] = []
-    with Captioner(model, processor, settings, engine) as captioner:
-        for start in range(0, len(images), batch_size):
-            captions += captioner(processor(images[start : start + batch_size], question=question, max_tiles=max_tiles))
+    chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+    with Captioner(model, processor, settings, engine, compile) as captioner:
+        for _, texts in captioner.overlapped(chunks, lambda c: processor(c, question=question, max_tiles=max_tiles)):
+            captions += texts
     return captions

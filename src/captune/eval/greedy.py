@@ -4,12 +4,16 @@ replay.
 Why not `model.generate`: its dynamic cache grows by concatenation (every new token copies the whole cache of the
 batch), each step is ~400 small kernel launches from Python, and a left-padded batch takes SDPA's masked path with
 a mask rebuilt every step; its own static cache and compilation recompile for every prompt length. Here the prompt
-runs once through transformers' forward (its dynamic cache, the unmasked causal kernel when no row is padded), its
-keys and values are copied into buffers sized for the whole run, and every further token is the same step at fixed
-addresses: the model's forward with an explicit 4-D mask and per-row positions, InternVL's minimum length, the
-greedy choice and the stop token. Nothing of transformers' modelling code is replaced: the cache object below is
-what its attention layers call `update` on, and the one-token steps use an attention function registered with
-transformers' AttentionInterface (`one_token_attention`).
+runs once through transformers' forward (the unmasked causal kernel when no row is padded; on a GPU the vision tower
+and the LLM compiled for any batch and prompt length, if asked), its layers writing their keys and values straight
+into buffers sized for the whole run, and every further token is the same step at fixed addresses: the model's
+forward with an explicit 4-D mask and per-row positions, InternVL's minimum length, the greedy choice and the stop
+token. Nothing of transformers' modelling code is replaced: the cache objects below are what its attention layers
+call `update` on (`PromptLayer` for the prompt, `StaticKV` after it), and the one-token steps use an attention
+function registered with transformers' AttentionInterface (`one_token_attention`).
+
+A batch is `start`ed (everything up to the first new token queued on the GPU, no wait) and `finish`ed (the
+remaining tokens), so that a caller can decode and write the previous batch's captions while the GPU works.
 
 The tokens are `generate`'s with the same settings (greedy, min/max new tokens, stop token, pad after it); tested on
 the CPU in float32 against `generate` and batch-1 runs with left-padded rows of different tile counts, and on a GPU
@@ -25,6 +29,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
 
 ONE_TOKEN_ATTENTION = "captune_one_token_sdpa"  # registered with transformers' AttentionInterface below
 
@@ -50,6 +55,24 @@ class StaticKV:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+class PromptLayer(DynamicLayer):
+    """A layer of the prompt's cache: its keys and values go straight into the static buffers (rows and columns from
+    0) and nothing is kept (a prompt attends only to itself), so that no second copy of the prompt's cache exists
+    (12 GB at batch 64 of the 2B). One of transformers' own cache layers, so that the mask sizes and lengths (0
+    before the prompt) are those of the installed version."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.into = (keys, values)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = self.into
+        b, _, t, _ = key_states.shape  # [B, kv_heads, T, head_dim]
+        keys[:b, :, :t].copy_(key_states)
+        values[:b, :, :t].copy_(value_states)
+        return key_states, value_states
 
 
 def one_token_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -109,32 +132,58 @@ def _fixed_rope(modules: list):
             del m.forward
 
 
+@contextlib.contextmanager
+def _forwards(replacements: list):
+    """Each (module, forward) pair's forward used for the duration; the model is left as it was."""
+    for module, forward in replacements:
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, _ in replacements:
+            del module.forward
+
+
 class GreedyDecoder:
     """Captions batches; buffers (sized for the largest batch and longest prompt so far) and the captured step are
     kept between batches (free them with `close`). `graphs`: capture the decode step as a CUDA graph (default:
-    when the whole model is on one CUDA device)."""
+    when the whole model is on one CUDA device). `compile`: the prompt's forward through torch.compile, the vision
+    tower for any tile count and the LLM for any batch and prompt length (it fuses the norms, rotary embeddings,
+    activations and layer scales around the matmuls; on an H200 ~2 min to compile the 2B, ~4% faster after)."""
 
     def __init__(self, model, stop_token_id: int, pad_token_id: int, max_new_tokens: int, min_new_tokens: int,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, compile: bool = False):
         self.model, self.stop, self.pad = model, int(stop_token_id), int(pad_token_id)
         self.max_new, self.min_new = max_new_tokens, min_new_tokens
         self.device = model.device
         devices = {p.device for p in model.parameters()}
-        self.graphs = (self.device.type == "cuda" and len(devices) == 1) if graphs is None else graphs
+        one_gpu = self.device.type == "cuda" and len(devices) == 1
+        self.graphs = one_gpu if graphs is None else graphs
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model passes kwargs on
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name is deprecated there)
         self.cache_kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        self.text_config = model.config.get_text_config()
+        self.layers = list(inner.model.language_model.layers)
+        self.dtype = inner.get_input_embeddings().weight.dtype  # the dtype of the hidden states, keys and values
+        # The vision tower and the LLM, each one graph (with `_fixed_rope`); the model's own forward, which joins
+        # them, stays eager (its checks wait for the GPU: graph breaks). The vision tower with dynamic=None:
+        # compiled for the first tile count, then once more with that dimension symbolic (dynamic=True would make
+        # the image side symbolic too, where inductor 2.11 fails an assertion).
+        self.compiled = []
+        if compile:
+            self.compiled = [(inner.model.vision_tower, torch.compile(inner.model.vision_tower.forward, dynamic=None)),
+                             (inner.model.language_model, torch.compile(inner.model.language_model.forward,
+                                                                        dynamic=True))]
         self.length = 0  # cache slots; 0 = nothing allocated yet
         self.rows = 0
         self.graph = None
+        self.batch = 0  # rows of the batch started and not yet finished (0: none)
         self.ropes = _rope_modules(model)
-        self.text_config = model.config.get_text_config()
         _register_attention()
 
     # ---------------------------------------------------------------------------------------------- state
-    def _allocate(self, rows: int, length: int, like: list) -> None:
-        """Buffers for `rows` x `length` slots, each layer's shaped, typed and placed as `like`'s (dynamic-cache
-        layers) keys and values."""
+    def _allocate(self, rows: int, length: int) -> None:
+        """Buffers for `rows` x `length` slots, each layer's on its layer's device."""
         self.close()
         dev = self.device
         self.rows, self.length = rows, length
@@ -145,16 +194,21 @@ class GreedyDecoder:
         self.finished = torch.ones(rows, dtype=torch.bool, device=dev)  # [B]
         self.out = torch.full((rows, self.max_new), self.pad, dtype=torch.long, device=dev)  # [B, max_new]
         self.mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=dev)  # [B, 1, 1, L] keys each row sees
-        keys = [torch.zeros(rows, k.shape[1], length, k.shape[3], dtype=k.dtype, device=k.device)
-                for k in (layer.keys for layer in like)]
-        values = [torch.zeros(rows, v.shape[1], length, v.shape[3], dtype=v.dtype, device=v.device)
-                  for v in (layer.values for layer in like)]
+        c = self.text_config
+        kv_heads = c.num_key_value_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        places = [next(layer.parameters()).device for layer in self.layers]  # a model split over GPUs: each its own
+        keys = [torch.zeros(rows, kv_heads, length, head_dim, dtype=self.dtype, device=d) for d in places]
+        values = [torch.zeros(rows, kv_heads, length, head_dim, dtype=self.dtype, device=d) for d in places]
+        if self.compiled:  # the prompt's batch is symbolic in the compiled LLM; the buffers' rows are not
+            for t in keys + values:
+                torch._dynamo.mark_static(t)
         self.kv = StaticKV(keys, values, self.slot)
 
     def close(self) -> None:
         """Release the cache buffers and the captured graph."""
         self.graph = self.kv = None
-        self.length = 0
+        self.length = self.rows = 0
 
     # ------------------------------------------------------------------------------------------- the steps
     def _forward(self, **inputs) -> torch.Tensor:
@@ -184,8 +238,9 @@ class GreedyDecoder:
         self.pos.add_(1)
 
     def _capture(self) -> None:
-        """Capture the step on the freshly allocated buffers (before a batch's prompt is copied into them), on the
-        model's GPU whichever is current; if it cannot be captured, warn and decode eagerly."""
+        """Capture the step on the freshly allocated buffers, on the model's GPU whichever is current; if it cannot
+        be captured, warn and decode eagerly. The warm-up steps write their keys and values at the last slot, which
+        no prompt reaches."""
         current = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.device(self.device), _fixed_rope(self.ropes):
@@ -194,9 +249,11 @@ class GreedyDecoder:
                 with torch.cuda.stream(stream):  # CUDA graphs want their kernels warmed up outside the capture
                     for _ in range(2):
                         self.step.zero_()
+                        self.slot.fill_(self.length - 1)
                         self._decode_step()
                 current.wait_stream(stream)
                 self.step.zero_()
+                self.slot.fill_(self.length - 1)
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile (in the
                 # default global mode that invalidates the capture and fails the thread)
@@ -208,15 +265,22 @@ class GreedyDecoder:
             warnings.warn(f"captune: decoding without CUDA graphs ({type(e).__name__}: {e})", stacklevel=3)
             self.graphs, self.graph = False, None
 
+    def _rope_fixed(self, length: int) -> bool:
+        """Whether transformers' rotary update would change nothing for positions up to `length` (`_fixed_rope`)."""
+        return all(length <= m.original_max_seq_len and m.max_seq_len_cached <= m.original_max_seq_len
+                   for m in self.ropes)
+
     def _rope_unchanged(self, length: int) -> bool:
         """Whether the captured step's rotary frequencies hold for positions up to `length` (`_fixed_rope`)."""
-        return all(length <= m.original_max_seq_len and m.max_seq_len_cached <= m.original_max_seq_len
-                   and m.inv_freq is f for m, f in zip(self.ropes, self.rope_freqs))
+        return self._rope_fixed(length) and all(m.inv_freq is f for m, f in zip(self.ropes, self.rope_freqs))
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
-        """The prompts through the model (vision tower included); returns (first-token logits, dynamic cache)."""
-        inputs = {"input_ids": input_ids, "pixel_values": pixel_values}
-        if not bool(attention_mask.all()):  # left-padded rows: their own positions, padding masked
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                 padded: bool) -> torch.Tensor:
+        """The prompts through the model (vision tower included), their keys and values written into the buffers;
+        returns the first new token's logits `[B, V]`."""
+        inputs = {"input_ids": input_ids, "pixel_values": pixel_values, self.cache_kw: Cache(
+            layers=[PromptLayer(k, v) for k, v in zip(self.kv.keys, self.kv.values)])}
+        if padded:  # left-padded rows: their own positions, padding masked
             t = input_ids.shape[1]
             valid = attention_mask.bool()  # [B, T]
             causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
@@ -224,26 +288,36 @@ class GreedyDecoder:
             mask |= torch.eye(t, dtype=torch.bool, device=input_ids.device)  # a pad sees itself: no empty row (NaN)
             inputs["attention_mask"] = mask
             inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # transformers >= 5.2x: cache
-        return out.logits[:, -1], cache
+        if self.compiled and self._rope_fixed(input_ids.shape[1]):
+            try:
+                with self.compiled_forwards():
+                    return self._forward(**inputs)
+            except Exception as e:  # noqa: BLE001 -- whatever torch.compile cannot handle: eager is the same model
+                warnings.warn(f"captune: prompts without torch.compile ({type(e).__name__}: {e})", stacklevel=4)
+                self.compiled = []
+        return self._forward(**inputs)
+
+    @contextlib.contextmanager
+    def compiled_forwards(self):
+        """The vision tower's and the LLM's compiled forwards in place (if `compile`), for prompts within the
+        rotary embeddings' trained length."""
+        with _forwards(self.compiled), _fixed_rope(self.ropes if self.compiled else []):
+            yield
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The new token ids `[B, <= max_new_tokens]` (pad after the stop token) of a left-padded batch on the
-        model's device."""
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+              padded: bool | None = None) -> None:
+        """Queue a left-padded batch (on the model's device) up to its first new token. `padded`: whether any row
+        is left-padded, if the caller knows it without asking the GPU (which would wait for the work queued)."""
         b, t = input_ids.shape
-        logits, cache = self._prefill(input_ids, attention_mask, pixel_values)
+        if padded is None:
+            padded = not bool(attention_mask.all())
         if b > self.rows or t + self.max_new > self.length:
             # sized for the largest batch seen (eval sends the longest prompts first), rounded to spare reallocations
-            self._allocate(max(b, self.rows), -(-(t + self.max_new) // 64) * 64, cache.layers)
+            self._allocate(max(b, self.rows), -(-(t + self.max_new) // 64) * 64)
             if self.graphs and self.max_new > 1:
                 self._capture()
-        for i, layer in enumerate(cache.layers):  # transformers' dynamic cache
-            self.kv.keys[i][:b, :, :t].copy_(layer.keys)
-            self.kv.values[i][:b, :, :t].copy_(layer.values)
-            layer.keys = layer.values = None  # each layer freed once copied
-        del cache
+        logits = self._prefill(input_ids, attention_mask, pixel_values, padded)
         self.mask.zero_()
         self.mask[:b, 0, 0, :t] = attention_mask.bool()
         self.mask[b:, 0, 0, 0] = True  # unused rows see one key: no empty softmax
@@ -255,7 +329,16 @@ class GreedyDecoder:
         self.step.zero_()
         self._choose(logits, b)
         self.slot.fill_(t)
-        graph = self.graph if self.graph is not None and self._rope_unchanged(t + self.max_new) else None
+        self.batch, self.prompt = b, t
+
+    @torch.inference_mode()
+    def finish(self) -> torch.Tensor:
+        """The new token ids `[B, <= max_new_tokens]` (pad after the stop token) of the batch `start`ed, on the
+        model's device (overwritten by the next batch)."""
+        b, self.batch = self.batch, 0
+        if not b:
+            raise RuntimeError("finish() without start()")
+        graph = self.graph if self.graph is not None and self._rope_unchanged(self.prompt + self.max_new) else None
         done = 1
         while done < self.max_new:
             if done >= self.min_new and bool(self.finished[:b].all()):
@@ -266,3 +349,9 @@ class GreedyDecoder:
                 self._decode_step()
             done += 1
         return self.out[:b, :done]
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                 padded: bool | None = None) -> torch.Tensor:
+        """`start` then `finish`: the new token ids of one batch."""
+        self.start(input_ids, attention_mask, pixel_values, padded)
+        return self.finish()

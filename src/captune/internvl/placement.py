@@ -64,7 +64,7 @@ class Costs:
     def memory(self, gpu: int, k: int, layers: int) -> dict[str, float]:
         """GB on GPU `gpu` of `k` holding `layers` LLM layers: as `plan.eval_memory` for the whole model."""
         kv = layers * self.kv
-        act = max(self.llm_act, self.vision_act - kv) if gpu == 0 else self.llm_act
+        act = max(self.llm_act, self.vision_act) if gpu == 0 else self.llm_act
         out = {"weights": (self.fixed(gpu, k) + layers * self.layer) / P.GB, "kv_cache": kv / P.GB,
                "activations": act / P.GB}
         out["total"] = sum(out.values())
@@ -72,9 +72,8 @@ class Costs:
 
     def layers_within(self, gpu: int, k: int, budget: float) -> float:
         """The (fractional) number of layers GPU `gpu` of `k` can hold within `budget` bytes."""
-        room = budget - self.fixed(gpu, k)
-        n = (room - self.llm_act) / (self.layer + self.kv)
-        return min(n, (room - self.vision_act) / self.layer) if gpu == 0 else n
+        act = max(self.llm_act, self.vision_act) if gpu == 0 else self.llm_act
+        return (budget - self.fixed(gpu, k) - act) / (self.layer + self.kv)
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,15 @@ PEAK_FLOPS = 989e12  # H100/H200 dense bf16
 BANDWIDTH = 4.8e12  # H200 bytes/s (the calibration GPU): a decoding step reads every weight once
 # Evaluation as `captune eval` and the 2B-76B runs: 7 tiles (6 + thumbnail), a 1,851-token prompt, 30 tokens.
 EVAL_TILES, EVAL_PROMPT, EVAL_NEW_TOKENS, EVAL_IMAGES = 7, 1851, 30, 5000
-EVAL_KV_TOKENS = 2 * EVAL_PROMPT + EVAL_NEW_TOKENS  # the decoder's static cache + the next prompt's while it is copied
+EVAL_KV_TOKENS = -(-(EVAL_PROMPT + EVAL_NEW_TOKENS) // 64) * 64  # the decoder's static cache (the prompt writes into it)
 EVAL_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # 64: captune eval's default on a GPU (128 gains 3% for 2B at twice the KV)
 # Prefill activations per prompt token, in bf16 elements per unit of MLP width (gate, up, their product, ...): fitted to
-# `generate`'s peaks (2B at batch 64/128, 26B/40B at 16); with captune's decoder's two caches (EVAL_KV_TOKENS) the
-# plan is within 3.4% of its measured peaks, 2B to 76B (docs/benchmarks.md, sixth session).
+# `generate`'s peaks (2B at batch 64/128, 26B/40B at 16; docs/benchmarks.md, sixth session).
 EVAL_ACT_PER_MLP = 4.5
+# The vision tower's activations per patch token, in bf16 elements per unit of its MLP width, plus 3 hidden vectors:
+# fitted to captune's decoder on the 2B at batch 64 (27.9 GB; H200, 2026-12-01, seventh session), whose cache is
+# allocated before the vision tower runs. The larger sizes were not measured again since the prompt writes into it.
+EVAL_VISION_ACT_PER_MLP = 2.5
 # Evaluation speed with captune's decoder, fitted to 2B 29.3 images/s (batch 64), 8B 12.0, 26B 2.81, 40B 2.13, 76B 1.39
 EVAL_MFU = 0.51  # (batch 16; H200, docs/benchmarks.md): prefill compute efficiency; all five within 5.3%
 DECODE_LAYER_S = 0.25e-3  # per decoder layer per new token (a graph replay: attention over the cache), above bandwidth
@@ -154,9 +157,9 @@ def vision_flops_per_image(s: Shape, tiles: int) -> float:
 
 
 def eval_activations(s: Shape, batch: int) -> tuple[float, float]:
-    """Bytes of activations: the LLM's prefill (on each GPU of a model) and the vision tower's (before the KV cache)."""
+    """Bytes of activations: the LLM's prefill (on each GPU of a model) and the vision tower's (on the first GPU)."""
     return (batch * EVAL_PROMPT * EVAL_ACT_PER_MLP * s.inter * 2,
-            batch * EVAL_TILES * (s.patches + 1) * (2 * s.v_inter + 3 * s.v_hidden) * 2)
+            batch * EVAL_TILES * (s.patches + 1) * (EVAL_VISION_ACT_PER_MLP * s.v_inter + 3 * s.v_hidden) * 2)
 
 
 def eval_memory(s: Shape, batch: int, gpus_per_model: int = 1) -> dict[str, float]:
@@ -165,7 +168,7 @@ def eval_memory(s: Shape, batch: int, gpus_per_model: int = 1) -> dict[str, floa
     kv = batch * EVAL_KV_TOKENS * kv_bytes_per_token(s) / k
     llm, vision = eval_activations(s, batch)
     out = {"weights": parameter_counts(s)["total"] * 2 / k / GB, "kv_cache": kv / GB,
-           "activations": max(llm, vision - kv) / GB}
+           "activations": max(llm, vision) / GB}
     out["total"] = sum(out.values())
     return out
 
