@@ -119,37 +119,36 @@ def _fixed_rope(modules: list):
     """Their forward without transformers' `dynamic_rope_update`, which compares a GPU tensor with a number every
     step (a wait for the host: no CUDA graph can be captured) to recompute frequencies past the trained length. Used
     only while every position stays within that length, where the update changes nothing (`_rope_unchanged`)."""
-    patched = []
-    for m in modules:
-        plain = inspect.unwrap(type(m).forward)
-        if plain is not type(m).forward:
-            m.forward = types.MethodType(plain, m)
-            patched.append(m)
-    try:
+    plain = [(m, types.MethodType(inspect.unwrap(type(m).forward), m)) for m in modules
+             if inspect.unwrap(type(m).forward) is not type(m).forward]
+    with _forwards(plain):
         yield
-    finally:
-        for m in patched:
-            del m.forward
 
 
 @contextlib.contextmanager
 def _forwards(replacements: list):
-    """Each (module, forward) pair's forward used for the duration; the model is left as it was."""
+    """Each (module, forward) pair's forward used for the duration; the model is left as it was (a forward set on
+    the module itself, e.g. by accelerate's hooks, is put back)."""
+    before = [(module, vars(module).get("forward")) for module, _ in replacements]
     for module, forward in replacements:
         module.forward = forward
     try:
         yield
     finally:
-        for module, _ in replacements:
-            del module.forward
+        for module, forward in reversed(before):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 class GreedyDecoder:
     """Captions batches; buffers (sized for the largest batch and longest prompt so far) and the captured step are
     kept between batches (free them with `close`). `graphs`: capture the decode step as a CUDA graph (default:
-    when the whole model is on one CUDA device). `compile`: the prompt's forward through torch.compile, the vision
-    tower for any tile count and the LLM for any batch and prompt length (it fuses the norms, rotary embeddings,
-    activations and layer scales around the matmuls; on an H200 ~2 min to compile the 2B, ~4% faster after)."""
+    when the whole model is on one CUDA device). `compile`: the prompt's forward through torch.compile (a model on
+    one device): the vision tower for any tile count and the LLM for any batch and prompt length (it fuses the
+    norms, rotary embeddings, activations and layer scales around the matmuls; on an H200 ~2 min to compile the 2B,
+    ~4% faster after)."""
 
     def __init__(self, model, stop_token_id: int, pad_token_id: int, max_new_tokens: int, min_new_tokens: int,
                  graphs: bool | None = None, compile: bool = False):
@@ -170,7 +169,7 @@ class GreedyDecoder:
         # compiled for the first tile count, then once more with that dimension symbolic (dynamic=True would make
         # the image side symbolic too, where inductor 2.11 fails an assertion).
         self.compiled = []
-        if compile:
+        if compile and len(devices) == 1:  # not a model split over GPUs (accelerate's hooks move its activations)
             self.compiled = [(inner.model.vision_tower, torch.compile(inner.model.vision_tower.forward, dynamic=None)),
                              (inner.model.language_model, torch.compile(inner.model.language_model.forward,
                                                                         dynamic=True))]
