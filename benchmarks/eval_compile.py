@@ -68,7 +68,7 @@ def main() -> None:
             row["other_shape_first_call_s"] = _seconds(dev, lambda: decoder(**other))
             row["other_shape_s"] = min(_seconds(dev, lambda: decoder(**other)) for _ in range(2))
             row["still_compiled"] = bool(decoder.compiled)
-            tokens[name] = (decoder(**inputs).cpu(), decoder(**other).cpu())
+            tokens[name] = (decoder(**inputs).to("cpu", copy=True), decoder(**other).to("cpu", copy=True))
             decoder.close()
             result[name] = row
             print(name, row, flush=True)

@@ -82,7 +82,7 @@ def caption(model: str, images: list[str], question: str | None = None, max_tile
         device: cuda, cpu or auto (a GPU if there is one)
         dtype: bf16, fp16, fp32 or auto (bf16 on a GPU, fp32 on the CPU)
         gpus_per_model: spread the model over K GPUs (auto: the fewest that hold it at --batch-size)
-        compile: torch.compile the prompt's forward (~2 min once, ~4% faster after; auto: on one GPU from 100k images)
+        compile: torch.compile the prompt's forward (~2 min once, ~4% faster after; auto: on a GPU from 100k images)
     """
     from captune.eval.generate import (
         GenerationSettings,
@@ -101,7 +101,7 @@ def caption(model: str, images: list[str], question: str | None = None, max_tile
         raise CaptuneError("has no tokenizer files; cannot caption", model)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
     captions = caption_images(net, processor, pictures, question, max_tiles, batch_size, settings,
-                              compile=compile_choice(compile, len(pictures)))
+                              compile=compile_choice(compile, len(pictures), gpus.device))
     for text in captions:
         print(one_line(text), flush=True)
     return captions
@@ -208,7 +208,7 @@ def evaluate(model: str, data: str | None = None, test_json: str | None = None, 
         force: discard captions already in --out and start again
         gpus_per_model: spread each model over K GPUs (auto: the fewest that hold it); under torchrun each process
             takes K consecutive GPUs, so --nproc-per-node x K GPUs in all
-        compile: torch.compile the prompt's forward (~2 min once, ~4% faster after; auto: on one GPU from 100k images)
+        compile: torch.compile the prompt's forward (~2 min once, ~4% faster after; auto: on a GPU from 100k images)
     """
     from captune.eval.evaluate import evaluate as run
 

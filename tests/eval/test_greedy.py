@@ -62,10 +62,13 @@ def test_decoder_reused_across_batches(mini):
     `generate` tokens: buffers, positions and masks of the earlier batch leave nothing behind."""
     model, processor, images = mini
     decoder = GreedyDecoder(model, 486, processor.pad_token_id, 10, 2)
+    sizes = []
     for chunk in (images[:4], images[4:5], images[2:5], images[:6]):
         inputs = model_inputs(model, processor(chunk, max_tiles=6))
         expected = _generate(model, inputs, 486, processor.pad_token_id, 10, 2)
         assert torch.equal(decoder(**inputs), expected)
+        sizes.append((decoder.rows, decoder.length))
+    assert sizes == sorted(sizes) and sizes[0] != sizes[-1]  # grown, never shrunk (a shorter prompt, more rows)
 
 
 def test_captioner_engines_agree(mini):
@@ -116,13 +119,15 @@ def test_overlapped_captions_in_order(mini):
 
 
 def test_compile_choice():
-    """--compile auto compiles only runs long enough to repay the compilation (COMPILE_FROM_IMAGES)."""
+    """--compile auto compiles only runs on a GPU long enough to repay the compilation (COMPILE_FROM_IMAGES)."""
     from captune.eval.generate import COMPILE_FROM_IMAGES, compile_choice
 
-    assert compile_choice("auto", 5000) is False and compile_choice("auto", COMPILE_FROM_IMAGES) is True
-    assert compile_choice("on", 1) is True and compile_choice("off", 10**9) is False
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert compile_choice("auto", 5000, gpu) is False and compile_choice("auto", COMPILE_FROM_IMAGES, gpu) is True
+    assert compile_choice("auto", COMPILE_FROM_IMAGES, cpu) is False
+    assert compile_choice("on", 1, cpu) is True and compile_choice("off", 10**9, gpu) is False
     with pytest.raises(ValueError, match="auto, on or off"):
-        compile_choice("yes", 1)
+        compile_choice("yes", 1, gpu)
 
 
 def test_forwards_put_back_a_forward_set_on_the_module():
@@ -136,3 +141,38 @@ def test_forwards_put_back_a_forward_set_on_the_module():
         assert plain(1) == "a" and hooked(1) == "b"
     assert "forward" not in vars(plain)
     assert not hooked(torch.ones(2)).any()  # the module's own forward again
+
+
+def test_overlapped_gives_out_what_is_done_before_an_error(mini):
+    """An error while the next batch starts (out of memory, Ctrl-C) comes after the finished batch's captions."""
+    model, processor, images = mini
+    settings = GenerationSettings(max_new_tokens=4, min_new_tokens=2)
+
+    def batch_of(item):
+        if item == "bad":
+            raise KeyboardInterrupt
+        return processor(item, max_tiles=6)
+
+    got = []
+    with Captioner(model, processor, settings) as captioner, pytest.raises(KeyboardInterrupt):
+        for item, captions in captioner.overlapped([images[:2], images[2:3], "bad", images[3:4]], batch_of):
+            got.append((item, captions))
+    assert [item for item, _ in got] == [images[:2], images[2:3]] and all(len(c) == len(i) for i, c in got)
+
+
+def test_rope_limit_is_where_longrope_switches_factors():
+    """Phi-3's longrope (InternVL2-4B) switches from short to long factors at original_max_position_embeddings,
+    far below max_position_embeddings: the decoder's fixed frequencies hold only up to there."""
+    from transformers import LlamaConfig, Phi3Config
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from captune.eval.greedy import _rope_limit
+
+    half = 8  # head_dim 16
+    phi3 = Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=1024,
+                      original_max_position_embeddings=256,
+                      rope_scaling={"type": "longrope", "short_factor": [1.0] * half, "long_factor": [2.0] * half})
+    assert _rope_limit(Phi3RotaryEmbedding(config=phi3)) == 256
+    llama = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=1024)
+    assert _rope_limit(LlamaRotaryEmbedding(config=llama)) == 1024

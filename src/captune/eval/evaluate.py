@@ -145,8 +145,8 @@ def evaluate(
     from captune.internvl.load import load
     from captune.internvl.placement import assign_gpus
 
-    compile_choice(compile, 0)  # a bad value stops here
     gpus = assign_gpus(model, gpus_per_model, device, batch_size, dtype=dtype)  # before init: it picks the device
+    compile_choice(compile, 0, gpus.device)  # a bad value stops here
     ctx = distributed.init(str(gpus.device))
     try:
         try:
@@ -187,7 +187,7 @@ def evaluate(
                 bs = batch_size or gpus.batch or (64 if ctx.device.type == "cuda" else 4)
                 workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
                 generate_captions(net, processor, mine, log, settings, bs, workers, progress=ctx.is_main,
-                                  compile=compile_choice(compile, len(mine)))
+                                  compile=compile_choice(compile, len(mine), ctx.device))
             except KeyboardInterrupt:
                 log.close()
                 kept = len(done_captions(out_dir).keys() & {im.image_id for im in evalset.images})

@@ -40,11 +40,13 @@ _END = object()
 COMPILE_FROM_IMAGES = 100_000
 
 
-def compile_choice(setting: str, images: int) -> bool:
-    """--compile on/off/auto for `images` images (auto: on from `COMPILE_FROM_IMAGES`)."""
+def compile_choice(setting: str, images: int, device: torch.device) -> bool:
+    """--compile on/off/auto for `images` images on `device` (auto: on a GPU from `COMPILE_FROM_IMAGES`)."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, not {setting!r}")
-    return images >= COMPILE_FROM_IMAGES if setting == "auto" else setting == "on"
+    if setting == "auto":
+        return device.type == "cuda" and images >= COMPILE_FROM_IMAGES
+    return setting == "on"
 
 
 def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,12 +123,18 @@ class Captioner:
         items = iter(items)
         item = next(items, _END)
         while item is not _END:
-            batch = batch_of(item)
+            try:
+                batch = batch_of(item)
+                if batch is not None:
+                    self.start(batch)
+            except BaseException:  # out of memory, Ctrl-C, ...: what is done is given out first
+                for done, ids in ready:
+                    yield done, [] if ids is None else self.texts(ids)
+                raise
             if batch is None:
                 ready.append((item, None))
                 item = next(items, _END)
                 continue
-            self.start(batch)
             for done, ids in ready:
                 yield done, [] if ids is None else self.texts(ids)
             following = next(items, _END)  # fetched (a DataLoader's next batch) while the GPU works

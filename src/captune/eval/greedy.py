@@ -12,8 +12,8 @@ token. Nothing of transformers' modelling code is replaced: the cache objects be
 call `update` on (`PromptLayer` for the prompt, `StaticKV` after it), and the one-token steps use an attention
 function registered with transformers' AttentionInterface (`one_token_attention`).
 
-A batch is `start`ed (everything up to the first new token queued on the GPU, no wait) and `finish`ed (the
-remaining tokens), so that a caller can decode and write the previous batch's captions while the GPU works.
+A batch is `start`ed (everything up to the first new token queued on the GPU) and `finish`ed (the remaining
+tokens), so that a caller can decode and write the previous batch's captions while the GPU works.
 
 The tokens are `generate`'s with the same settings (greedy, min/max new tokens, stop token, pad after it); tested on
 the CPU in float32 against `generate` and batch-1 runs with left-padded rows of different tile counts, and on a GPU
@@ -112,6 +112,16 @@ def _attention(config, name: str):
 def _rope_modules(model) -> list:
     """The rotary embeddings whose frequencies transformers may recompute with the length (dynamic NTK, longrope)."""
     return [m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "original_max_seq_len")]
+
+
+def _rope_limit(m) -> int:
+    """The longest length for which transformers' rotary update leaves `m`'s frequencies as they are: the trained
+    length, or for longrope (Phi-3) the length where it switches from its short to its long factors."""
+    config = getattr(m, "config", None)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    switch = params.get("original_max_position_embeddings") if isinstance(params, dict) else None
+    switch = switch or getattr(config, "original_max_position_embeddings", None)
+    return min(m.original_max_seq_len, switch or m.original_max_seq_len)
 
 
 @contextlib.contextmanager
@@ -237,9 +247,9 @@ class GreedyDecoder:
         self.pos.add_(1)
 
     def _capture(self) -> None:
-        """Capture the step on the freshly allocated buffers, on the model's GPU whichever is current; if it cannot
-        be captured, warn and decode eagerly. The warm-up steps write their keys and values at the last slot, which
-        no prompt reaches."""
+        """Capture the step on the current buffers and rotary frequencies, on the model's GPU whichever is current;
+        if it cannot be captured, warn and decode eagerly. The warm-up steps write their keys and values at the last
+        slot, which no prompt reaches, and leave the state to `start` to set."""
         current = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.device(self.device), _fixed_rope(self.ropes):
@@ -266,8 +276,7 @@ class GreedyDecoder:
 
     def _rope_fixed(self, length: int) -> bool:
         """Whether transformers' rotary update would change nothing for positions up to `length` (`_fixed_rope`)."""
-        return all(length <= m.original_max_seq_len and m.max_seq_len_cached <= m.original_max_seq_len
-                   for m in self.ropes)
+        return all(length <= _rope_limit(m) and m.max_seq_len_cached <= m.original_max_seq_len for m in self.ropes)
 
     def _rope_unchanged(self, length: int) -> bool:
         """Whether the captured step's rotary frequencies hold for positions up to `length` (`_fixed_rope`)."""
@@ -291,6 +300,8 @@ class GreedyDecoder:
             try:
                 with self.compiled_forwards():
                     return self._forward(**inputs)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception as e:  # noqa: BLE001 -- whatever torch.compile cannot handle: eager is the same model
                 warnings.warn(f"captune: prompts without torch.compile ({type(e).__name__}: {e})", stacklevel=4)
                 self.compiled = []
@@ -307,16 +318,20 @@ class GreedyDecoder:
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
               padded: bool | None = None) -> None:
         """Queue a left-padded batch (on the model's device) up to its first new token. `padded`: whether any row
-        is left-padded, if the caller knows it without asking the GPU (which would wait for the work queued)."""
+        is left-padded, if the caller knows it without asking the GPU. (transformers' InternVL checks the image
+        token count against the vision tower's output, which waits for the vision tower: the host is free again
+        once the LLM's part of the prompt is queued.)"""
         b, t = input_ids.shape
         if padded is None:
             padded = not bool(attention_mask.all())
         if b > self.rows or t + self.max_new > self.length:
-            # sized for the largest batch seen (eval sends the longest prompts first), rounded to spare reallocations
-            self._allocate(max(b, self.rows), -(-(t + self.max_new) // 64) * 64)
-            if self.graphs and self.max_new > 1:
-                self._capture()
+            # sized for the largest batch and longest prompt seen (eval sends the longest first), rounded up
+            self._allocate(max(b, self.rows), max(-(-(t + self.max_new) // 64) * 64, self.length))
         logits = self._prefill(input_ids, attention_mask, pixel_values, padded)
+        if self.graphs and self.max_new > 1 and self._rope_fixed(t + self.max_new) and (
+                self.graph is None or not self._rope_unchanged(t + self.max_new)):
+            # after the prompt: its rotary update may have replaced the frequency tensor the step reads
+            self._capture()
         self.mask.zero_()
         self.mask[:b, 0, 0, :t] = attention_mask.bool()
         self.mask[b:, 0, 0, 0] = True  # unused rows see one key: no empty softmax

@@ -39,7 +39,7 @@ MIN_BATCH = 8  # the smallest batch `auto` plans for, as `captune plan`'s "needs
 @dataclass(frozen=True)
 class Costs:
     """Bytes of one model's parts at a batch: weights before, in and after the LLM's layers; the KV cache of one
-    layer; activations of the LLM's prefill (on every GPU) and of the vision tower (on the first, before any KV)."""
+    layer; activations of the LLM's prefill (on every GPU) and of the vision tower (on the first, beside its KV)."""
 
     first: float
     layer: float

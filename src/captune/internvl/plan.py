@@ -34,9 +34,9 @@ EVAL_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # 64: captune eval's default on a GPU (
 # `generate`'s peaks (2B at batch 64/128, 26B/40B at 16; docs/benchmarks.md, sixth session).
 EVAL_ACT_PER_MLP = 4.5
 # The vision tower's activations per patch token, in bf16 elements per unit of its MLP width, plus 3 hidden vectors:
-# fitted to captune's decoder on the 2B at batch 64 (27.9 GB; H200, 2026-12-01, seventh session), whose cache is
-# allocated before the vision tower runs. The larger sizes were not measured again since the prompt writes into it.
-EVAL_VISION_ACT_PER_MLP = 2.5
+# fitted (from above) to captune's decoder on the 2B at batch 64 (27.9 GB; H200, 2026-12-01, seventh session), whose
+# cache is allocated before the vision tower runs. The larger sizes were not measured again since.
+EVAL_VISION_ACT_PER_MLP = 2.9
 # Evaluation speed with captune's decoder, fitted to 2B 29.3 images/s (batch 64), 8B 12.0, 26B 2.81, 40B 2.13, 76B 1.39
 EVAL_MFU = 0.51  # (batch 16; H200, docs/benchmarks.md): prefill compute efficiency; all five within 5.3%
 DECODE_LAYER_S = 0.25e-3  # per decoder layer per new token (a graph replay: attention over the cache), above bandwidth
