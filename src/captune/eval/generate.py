@@ -128,20 +128,21 @@ class Captioner:
                 if batch is not None:
                     self.start(batch)
             except BaseException:  # out of memory, Ctrl-C, ...: what is done is given out first
-                for done, ids in ready:
-                    yield done, [] if ids is None else self.texts(ids)
+                yield from self._given_out(ready)
                 raise
             if batch is None:
                 ready.append((item, None))
                 item = next(items, _END)
                 continue
-            for done, ids in ready:
-                yield done, [] if ids is None else self.texts(ids)
+            yield from self._given_out(ready)
             following = next(items, _END)  # fetched (a DataLoader's next batch) while the GPU works
             ready = [(item, self.finish())]
             item = following
-        for done, ids in ready:
-            yield done, [] if ids is None else self.texts(ids)
+        yield from self._given_out(ready)
+
+    def _given_out(self, ready: list[tuple[object, torch.Tensor | None]]) -> Iterator[tuple[object, list[str]]]:
+        for item, ids in ready:
+            yield item, [] if ids is None else self.texts(ids)
 
     def close(self) -> None:
         if self.decoder is not None:

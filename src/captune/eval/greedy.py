@@ -128,7 +128,7 @@ def _rope_limit(m) -> int:
 def _fixed_rope(modules: list):
     """Their forward without transformers' `dynamic_rope_update`, which compares a GPU tensor with a number every
     step (a wait for the host: no CUDA graph can be captured) to recompute frequencies past the trained length. Used
-    only while every position stays within that length, where the update changes nothing (`_rope_unchanged`)."""
+    only while every position stays within that length, where the update changes nothing (`_rope_fixed`)."""
     plain = [(m, types.MethodType(inspect.unwrap(type(m).forward), m)) for m in modules
              if inspect.unwrap(type(m).forward) is not type(m).forward]
     with _forwards(plain):
@@ -186,6 +186,7 @@ class GreedyDecoder:
         self.length = 0  # cache slots; 0 = nothing allocated yet
         self.rows = 0
         self.graph = None
+        self.replay = None  # the graph that decodes the batch started (None: eagerly)
         self.batch = 0  # rows of the batch started and not yet finished (0: none)
         self.ropes = _rope_modules(model)
         _register_attention()
@@ -278,9 +279,9 @@ class GreedyDecoder:
         """Whether transformers' rotary update would change nothing for positions up to `length` (`_fixed_rope`)."""
         return all(length <= _rope_limit(m) and m.max_seq_len_cached <= m.original_max_seq_len for m in self.ropes)
 
-    def _rope_unchanged(self, length: int) -> bool:
-        """Whether the captured step's rotary frequencies hold for positions up to `length` (`_fixed_rope`)."""
-        return self._rope_fixed(length) and all(m.inv_freq is f for m, f in zip(self.ropes, self.rope_freqs))
+    def _frequencies_moved(self) -> bool:
+        """Whether a rotary update replaced a frequency tensor that the captured step reads."""
+        return any(m.inv_freq is not f for m, f in zip(self.ropes, self.rope_freqs))
 
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                  padded: bool) -> torch.Tensor:
@@ -328,10 +329,11 @@ class GreedyDecoder:
             # sized for the largest batch and longest prompt seen (eval sends the longest first), rounded up
             self._allocate(max(b, self.rows), max(-(-(t + self.max_new) // 64) * 64, self.length))
         logits = self._prefill(input_ids, attention_mask, pixel_values, padded)
-        if self.graphs and self.max_new > 1 and self._rope_fixed(t + self.max_new) and (
-                self.graph is None or not self._rope_unchanged(t + self.max_new)):
+        fixed = self._rope_fixed(t + self.max_new)  # else this batch decodes eagerly, frequencies updated
+        if fixed and self.graphs and self.max_new > 1 and (self.graph is None or self._frequencies_moved()):
             # after the prompt: its rotary update may have replaced the frequency tensor the step reads
             self._capture()
+        self.replay = self.graph if fixed else None
         self.mask.zero_()
         self.mask[:b, 0, 0, :t] = attention_mask.bool()
         self.mask[b:, 0, 0, 0] = True  # unused rows see one key: no empty softmax
@@ -343,7 +345,7 @@ class GreedyDecoder:
         self.step.zero_()
         self._choose(logits, b)
         self.slot.fill_(t)
-        self.batch, self.prompt = b, t
+        self.batch = b
 
     @torch.inference_mode()
     def finish(self) -> torch.Tensor:
@@ -352,7 +354,7 @@ class GreedyDecoder:
         b, self.batch = self.batch, 0
         if not b:
             raise RuntimeError("finish() without start()")
-        graph = self.graph if self.graph is not None and self._rope_unchanged(self.prompt + self.max_new) else None
+        graph = self.replay
         done = 1
         while done < self.max_new:
             if done >= self.min_new and bool(self.finished[:b].all()):

@@ -131,22 +131,13 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2}|\+[0-9A-Fa-f])>")
 def decode_ids(tokenizer: Any, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     """The text the original (transformers 4.37) decoding gives: `tokenizer.decode(ids, skip_special_tokens=...)`,
     with runs of byte-fallback pieces decoded as SentencePiece decodes them (see above), and tokenization spaces
-    cleaned up (`clean_up_spaces`) when the tokenizer's `clean_up_tokenization_spaces` is on, as 4.37 does for any
-    tokenizer (transformers 5 skips it for BPE ones, e.g. Llama 3's). InternLM2's original tokenizer cleans up
+    cleaned up (transformers' `clean_up_tokenization`: " ." -> ".", " 's" -> "'s", ...) when the tokenizer's
+    `clean_up_tokenization_spaces` is on, as 4.37 does for any tokenizer (transformers 5's `decode` skips it for BPE
+    ones, e.g. Llama 3's). InternLM2's original tokenizer cleans up
     always, so captune builds it with the flag on (`internvl.tokenizer`)."""
     ids = [int(i) for i in ids]
     text = _decode_bytes_as_sentencepiece(tokenizer, ids, skip_special_tokens)
-    return clean_up_spaces(text) if getattr(tokenizer, "clean_up_tokenization_spaces", False) else text
-
-
-def clean_up_spaces(text: str) -> str:
-    """transformers 4.37's `clean_up_tokenization`, which the original pipeline applies to every caption of an
-    InternLM2 model (in `InternLM2Tokenizer.convert_tokens_to_string`). Written out here because transformers 5 keeps
-    it only for remote code and skips it for BPE tokenizers."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(before, after)
-    return text
+    return tokenizer.clean_up_tokenization(text) if getattr(tokenizer, "clean_up_tokenization_spaces", False) else text
 
 
 def _decode_bytes_as_sentencepiece(tokenizer: Any, ids: list[int], skip_special_tokens: bool) -> str:

@@ -284,8 +284,6 @@ def assign_gpus(model: str | Path, gpus_per_model: int | str = "auto", device: s
     return ModelGPUs(devices[0], chosen.device_map(devices) if k > 1 else None, chosen.batch, chosen)
 
 
-
-
 def card_gb(index: int | torch.device) -> float:
     """Total GB of a GPU (2^30 bytes, as `captune plan --gpu-memory`; no CUDA context is made for it)."""
     return torch.cuda.get_device_properties(index).total_memory / P.GB

@@ -326,6 +326,7 @@ def release_size(total: int) -> str | None:
     size, ref = min(RELEASES.items(), key=lambda kv: abs(kv[1] - total))
     return size if abs(ref - total) <= 0.05 * ref else None
 
+
 def check_recipe_size(recipe: str, size: str | None) -> None:
     """Refuse a shipped per-size recipe (internvl2_<size>_...) on a model of another size."""
     parts = Path(recipe).name.split("_")

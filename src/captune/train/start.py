@@ -115,6 +115,8 @@ def check_plan(config: cfg.TrainConfig, ctx: distributed.Context) -> None:
     as the loop will run it: FSDP2 with --fsdp under torchrun, else DDP or one GPU; compiled as `should_compile`
     decides; shared prefixes unless --share-prefix off (with auto the data decides later; COCO shares).
     """
+    import torch
+
     from captune.devices import resolve_dtype
     from captune.internvl import plan
     from captune.internvl.placement import card_gb
@@ -152,8 +154,6 @@ def check_plan(config: cfg.TrainConfig, ctx: distributed.Context) -> None:
                       if need(checkpointing=checkpointing, fsdp=True, n=n) <= usable), None)
             if n is not None:
                 flags = "--fsdp" + ("" if checkpointing == ckpt else " --gradient-checkpointing")
-                import torch
-
                 per_node = torch.cuda.device_count() or 8  # more than one node's GPUs: several nodes
                 launch = (f"--nproc-per-node {n}" if n <= per_node else
                           f"--nnodes {-(-n // per_node)} --nproc-per-node {per_node}")
