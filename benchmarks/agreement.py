@@ -5,8 +5,8 @@
 Random weights (`captune bench eval`) give logits with near-ties everywhere, so there the share of captions that
 batching leaves unchanged says little; the demo's base model is trained on its synthetic scenes, so its captions
 have real margins. Captions its synthetic scenes as the demo does (one tile each, the demo model's training) with
-captune's decoder at batch 64 and at batch 1, and with transformers' `generate` at batch 64, and counts the
-identical captions. float32 on the CPU gives identical captions, also for rows of different tile counts
+captune's decoder at batch 64 (eager, and with the prompt's repeated blocks compiled) and at batch 1, and with
+transformers' `generate` at batch 64, and counts the identical captions. float32 on the CPU gives identical captions, also for rows of different tile counts
 (tests/eval/test_greedy.py).
 """
 
@@ -40,11 +40,13 @@ def main() -> None:
     static = caption_images(model, processor, images, max_tiles=1, batch_size=args.batch)
     one = caption_images(model, processor, images, max_tiles=1, batch_size=1)
     plain = caption_images(model, processor, images, max_tiles=1, batch_size=args.batch, engine="generate")
+    compiled = caption_images(model, processor, images, max_tiles=1, batch_size=args.batch, compile=True)
     n = len(images)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "dtype": args.dtype,
               "images": n, "batch": args.batch,
               "captune_batch_vs_batch1": sum(a == b for a, b in zip(static, one)) / n,
               "captune_vs_generate_same_batches": sum(a == b for a, b in zip(static, plain)) / n,
+              "captune_compiled_batch_vs_batch1": sum(a == b for a, b in zip(compiled, one)) / n,
               "distinct_captions": len(set(static)), "examples": static[:3]}
     report(result, args.out, "agreement.json")
 

@@ -1,11 +1,11 @@
-"""What compiling the prompt's forward costs and saves in captune's decoder, on a GPU, side by side in one run.
+"""What compiling the prompt's repeated blocks costs and saves in captune's decoder, on a GPU, side by side in one run.
 
     PYTHONPATH=src python benchmarks/eval_compile.py --tokenizer .bench/tokenizer --out $OUT
 
 A random InternVL2-2B (bf16, SDPA), batches of synthetic 640x480 JPEGs (7 tiles) already on the GPU: seconds of
-the first call (compilation, CUDA-graph capture) and of later calls (fastest of 3) with the prompt's forward eager
-and compiled, then a batch of another size and tile count (one recompilation with symbolic dimensions), and
-whether the two give the same tokens.
+the first call (compilation, CUDA-graph capture) and of later calls (fastest of 3) with the prompt eager and its
+repeated blocks compiled (`eval.greedy.compiled_regions`), then a batch of another size and tile count (one
+recompilation with symbolic dimensions), and whether the two give the same tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30)
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="a tiny model in float32 on the CPU (a dry run)")
+    parser.add_argument("--profile", action="store_true", help="a CUDA-time table of one batch per mode")
     args = parser.parse_args()
     dev = torch.device("cpu" if args.tiny else "cuda")
     processor = bench_processor(args.tokenizer)
@@ -69,6 +70,14 @@ def main() -> None:
             row["other_shape_s"] = min(_seconds(dev, lambda: decoder(**other)) for _ in range(2))
             row["still_compiled"] = bool(decoder.compiled)
             tokens[name] = (decoder(**inputs).to("cpu", copy=True), decoder(**other).to("cpu", copy=True))
+            if args.profile and args.out and dev.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    decoder(**inputs)
+                    cuda_sync(dev)
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+                (Path(args.out) / f"profile_{name}.txt").write_text(table + "\n")
             decoder.close()
             result[name] = row
             print(name, row, flush=True)

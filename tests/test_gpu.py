@@ -71,7 +71,7 @@ def test_compiled_training_step_equals_eager(tmp_path):
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 def test_graphed_decoder_equals_eager_and_generate(device):
-    """On a GPU the decode step is one CUDA-graph replay and the prompt's forward compiled: the same tokens as
+    """On a GPU the decode step is one CUDA-graph replay and the prompt's repeated blocks compiled: the same tokens as
     both run eagerly, and in float32 the tokens of transformers' `generate` (left-padded rows of different tile
     counts; the most frequent token as stop, so that rows end at different steps), then the buffers reused for a
     smaller, shorter batch.

@@ -83,9 +83,9 @@ def test_captioner_engines_agree(mini):
 
 
 def test_compiled_prompt_gives_the_eager_tokens():
-    """The prompt's forward through torch.compile (vision tower and LLM; the model's own forward joining them
-    eagerly) writes the same keys and values and gives the same tokens as eagerly, for batches of other sizes,
-    tile counts and padding (recompiled with symbolic dimensions), without falling back to eager."""
+    """The prompt's repeated blocks through torch.compile (vision layers, the LLM's norms, MLPs and rotary embedding)
+    give the same tokens as eagerly, for batches of other sizes, tile counts and padding (recompiled with symbolic
+    dimensions), without falling back to eager; one compiled function per class, shared by its layers."""
     import warnings
 
     from helpers.demo_model import demo_model_and_images
@@ -101,7 +101,36 @@ def test_compiled_prompt_gives_the_eager_tokens():
             inputs = model_inputs(model, processor(chunk, max_tiles=6))
             assert torch.equal(compiled(**inputs), eager(**inputs))
     assert compiled.compiled
-    assert "forward" not in vars(model.model.language_model)  # the model is left as it was
+    from transformers.models.llama import modeling_llama
+
+    rotary = modeling_llama.apply_rotary_pos_emb
+    forwards = [(obj, f) for obj, name, f in compiled.compiled if name == "forward"]
+    assert {type(m).__name__ for m, _ in forwards} == {"InternVLVisionLayer", "LlamaRMSNorm", "LlamaMLP"}
+    assert len({id(f.__func__) for _, f in forwards}) == 3  # one compiled function per class
+    assert [(obj, name) for obj, name, _ in compiled.compiled if name != "forward"] == [
+        (modeling_llama, "apply_rotary_pos_emb")]
+    with compiled.compiled_forwards():
+        assert modeling_llama.apply_rotary_pos_emb is not rotary
+    assert modeling_llama.apply_rotary_pos_emb is rotary  # put back
+    assert not any("forward" in vars(m) for m in model.modules())  # the model is left as it was
+
+
+def test_compile_past_the_recompile_limit_warns_and_stays_exact():
+    """Past Dynamo's recompile limit the prompt is not silently run half-compiled: the decoder warns, drops
+    compilation and gives the eager tokens."""
+    import torch._dynamo
+
+    from helpers.demo_model import demo_model_and_images
+
+    model, processor, images = demo_model_and_images("cpu")
+    pad = processor.pad_token_id
+    compiled = GreedyDecoder(model, 5, pad, 6, 2, compile=True)
+    eager = GreedyDecoder(model, 5, pad, 6, 2, compile=False)
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(UserWarning, match="without torch.compile"):
+        for chunk in (images[:2] * 5, images[2:5] * 3):  # shapes no other test compiles for
+            inputs = model_inputs(model, processor(chunk, max_tiles=6))
+            assert torch.equal(compiled(**inputs), eager(**inputs))
+    assert not compiled.compiled
 
 
 def test_overlapped_captions_in_order(mini):
@@ -123,7 +152,9 @@ def test_compile_choice():
     from captune.eval.generate import COMPILE_FROM_IMAGES, compile_choice
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert compile_choice("auto", 5000, gpu) is False and compile_choice("auto", COMPILE_FROM_IMAGES, gpu) is True
+    assert compile_choice("auto", COMPILE_FROM_IMAGES - 1, gpu) is False
+    assert compile_choice("auto", COMPILE_FROM_IMAGES, gpu) is True
+    assert compile_choice("auto", 5000, gpu) is True  # the COCO test split on one GPU
     assert compile_choice("auto", COMPILE_FROM_IMAGES, cpu) is False
     assert compile_choice("on", 1, cpu) is True and compile_choice("off", 10**9, gpu) is False
     with pytest.raises(ValueError, match="auto, on or off"):

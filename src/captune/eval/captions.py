@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from captune.data.evalsets import EvalImage
 from captune.errors import CaptuneError, ignore_interrupts_in_worker
@@ -33,7 +34,8 @@ class EvalSettings:
 
 
 class CaptionDataset(Dataset):
-    """Decodes and tiles one image per item (in DataLoader workers); an unreadable image becomes an error item."""
+    """Decodes and tiles one image per item (in DataLoader workers); an unreadable image becomes an error item.
+    Every item carries its `index`, which places it in its batch."""
 
     def __init__(self, images: list[EvalImage], processor: Processor, question: str, max_tiles: int):
         self.images, self.processor, self.question, self.max_tiles = images, processor, question, max_tiles
@@ -43,24 +45,63 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.images[i]
+        where = {"index": i, "image_id": item.image_id, "image": str(item.path)}
         try:
             sample = self.processor.prepare(load_image(item.path), self.question, self.max_tiles)
         except CaptuneError as e:
-            return {"image_id": item.image_id, "image": str(item.path), "error": str(e)}
-        return {**sample, "image_id": item.image_id, "image": str(item.path)}
+            return {**where, "error": str(e)}
+        return {**sample, **where}
 
 
-class Collate:
-    def __init__(self, processor: Processor):
-        self.processor = processor
+class ChunkSampler(Sampler[list[int]]):
+    """Each batch of `batch_size` consecutive items cut into `chunks` near-equal chunks, one per worker: a batch is
+    ready after one chunk's decoding, not a whole batch's by one worker (the first batch of 64 7-tile images took
+    ~3 s with 12 workers idle but one, while the GPU waited)."""
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __init__(self, n: int, batch_size: int, chunks: int):
+        self.n, self.batch_size, self.chunks = n, batch_size, max(chunks, 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, self.n, self.batch_size):
+            size = min(self.batch_size, self.n - start)
+            k = min(self.chunks, size)
+            for c in range(k):
+                yield list(range(start + c * size // k, start + (c + 1) * size // k))
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full * min(self.chunks, self.batch_size) + (min(self.chunks, rest) if rest else 0)
+
+
+def _as_list(samples: list[dict]) -> list[dict]:
+    return samples
+
+
+def assemble(chunks: Iterable[list[dict]], n: int, batch_size: int, processor: Processor,
+             pin_memory: bool) -> Iterator[dict]:
+    """The batches of a `caption_loader`'s chunks over `n` items, in order, each given out as soon as its last chunk
+    arrives: {"batch": the collated good samples (None if none), "items": their image ids and paths, "errors": the
+    unreadable ones}."""
+
+    def batch(samples: list[dict]) -> dict:
         good = [s for s in samples if "error" not in s]
         return {
-            "batch": self.processor.collate(good) if good else None,
+            "batch": processor.collate(good, pin_memory=pin_memory) if good else None,
             "items": [{"image_id": s["image_id"], "image": s["image"]} for s in good],
             "errors": [s for s in samples if "error" in s],
         }
+
+    samples: list[dict] = []
+    for chunk in chunks:
+        samples += chunk
+        first = samples[0]["index"]
+        if chunk[-1]["index"] // batch_size != first // batch_size:
+            raise ValueError("a chunk crosses a batch's end")
+        if len(samples) == min(batch_size, n - first):  # the batch is complete
+            yield batch(samples)
+            samples = []
+    if samples:
+        raise ValueError(f"the loader ended inside a batch ({len(samples)} items of it)")
 
 
 def order_by_tiles(images: list[EvalImage], processor: Processor, max_tiles: int) -> list[EvalImage]:
@@ -149,23 +190,20 @@ def write_skipped(out: Path, skipped: dict[int, dict]) -> None:
         (out / "skipped.jsonl").unlink(missing_ok=True)
 
 
-AHEAD = 4  # batches decoded ahead of the model, at least (one per worker if there are more workers)
+AHEAD = 4  # batches decoded ahead of the model
 
 
-def caption_loader(dataset: CaptionDataset, processor: Processor, batch_size: int, num_workers: int,
-                   pin_memory: bool) -> DataLoader:
-    """Batches in order, decoded and tiled in `num_workers` workers, `AHEAD` or a little more ahead of the model (one
-    per worker when there are more workers): a batch of 64 7-tile images is 270 MB (of pinned memory on a GPU), so
-    DataLoader's usual depth (2 or 4 per worker) would hold several GB per process (x 8 processes under torchrun),
-    each new block page-locked beside the GPU's kernel launches."""
+def caption_loader(dataset: CaptionDataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Chunks of each batch in order (`ChunkSampler`), decoded and tiled in `num_workers` workers, `AHEAD` batches
+    or a little more ahead of the model: a batch of 64 7-tile images is 270 MB, so DataLoader's usual depth (2 or 4
+    chunks per worker) is not taken as it is. Collated by `assemble`, in the main process."""
+    chunks = max(min(num_workers, batch_size), 1)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=ChunkSampler(len(dataset), batch_size, chunks),
         num_workers=num_workers,
-        collate_fn=Collate(processor),
-        pin_memory=pin_memory,
-        prefetch_factor=-(-AHEAD // num_workers) if num_workers > 0 else None,
+        collate_fn=_as_list,
+        prefetch_factor=-(-AHEAD * chunks // num_workers) if num_workers > 0 else None,
         persistent_workers=False,
         worker_init_fn=ignore_interrupts_in_worker,  # Ctrl-C is the main process's to handle, in one line
     )
@@ -188,14 +226,15 @@ def generate_captions(
     from tqdm import tqdm
 
     ordered = order_by_tiles(images, processor, settings.max_tiles)
-    loader = caption_loader(CaptionDataset(ordered, processor, settings.question, settings.max_tiles), processor,
-                            batch_size, num_workers, pin_memory=model.device.type == "cuda")
+    loader = caption_loader(CaptionDataset(ordered, processor, settings.question, settings.max_tiles), batch_size,
+                            num_workers)
+    batches = assemble(loader, len(ordered), batch_size, processor, pin_memory=model.device.type == "cuda")
     gen = GenerationSettings(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens)
     captioned = skipped = 0
     bar = tqdm(total=len(ordered), desc="captioning", unit="img", disable=not progress, dynamic_ncols=True)
     captioner = Captioner(model, processor, gen, engine, compile)
     try:
-        for chunk, captions in captioner.overlapped(loader, lambda c: c["batch"]):
+        for chunk, captions in captioner.overlapped(batches, lambda c: c["batch"]):
             rows = [{**item, "caption": caption} for item, caption in zip(chunk["items"], captions)]
             for err in chunk["errors"]:
                 tqdm.write(f"captune: skipped {err['error']}")

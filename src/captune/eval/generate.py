@@ -35,9 +35,11 @@ def generation_config(processor: Processor, settings: GenerationSettings):
 
 ENGINES = ("static", "generate")
 _END = object()
-# --compile auto: on one H200 (2026-12-01, 2B, batch 64) compiling the prompt's forward took 119 s (+21 s for a
-# second shape) and saved 83 ms a batch (1.977 -> 1.894 s): worth it from ~100k images (docs/benchmarks.md)
-COMPILE_FROM_IMAGES = 100_000
+# --compile auto: on one H200 (2026-12-02, 2B, batch 64) compiling the prompt's repeated blocks took ~10 s (a cold
+# start's warm-up 17 s instead of ~6 s eager), each later version ~5 s (new sizes made symbolic, a batch of one:
+# ~20 s in all over a test set of mixed tile counts), and a batch took 1.63 s instead of 1.96 s, 5 ms less an
+# image: worth it from ~4,000 images (docs/benchmarks.md)
+COMPILE_FROM_IMAGES = 4_000
 
 
 def compile_choice(setting: str, images: int, device: torch.device) -> bool:
@@ -69,7 +71,7 @@ def generate_ids(model, processor: Processor, batch: dict[str, torch.Tensor], se
 
 class Captioner:
     """Collated batches to captions. `engine`: "static", captune's decoder (`eval/greedy.py`: a static cache and,
-    on one GPU, a CUDA-graphed step; `compile`: the prompt's forward compiled), or "generate", transformers'
+    on one GPU, a CUDA-graphed step; `compile`: the prompt's repeated blocks compiled), or "generate", transformers'
     `generate` (the same tokens; used for attention implementations other than SDPA, whose masks the static decoder
     does not build). Holds the decoder's buffers until `close` (or the end of a `with` block)."""
 
@@ -119,30 +121,42 @@ class Captioner:
         """(item, captions) for each item of `items`, in order, where `batch_of(item)` is its collated batch (None:
         no captions). Each batch is started on the GPU before the previous batch's captions are decoded and given
         out, so that the caller's work on them (writing, progress) overlaps the GPU's on the next batch."""
+        # record_function: the loop's parts by name in a torch.profiler timeline (benchmarks/eval_timeline.py)
+        from torch.profiler import record_function
+
         ready: list[tuple[object, torch.Tensor | None]] = []  # done on the GPU, not yet given out
         items = iter(items)
-        item = next(items, _END)
+        with record_function("captune.next_batch"):
+            item = next(items, _END)
         while item is not _END:
             try:
                 batch = batch_of(item)
                 if batch is not None:
-                    self.start(batch)
+                    with record_function("captune.start"):
+                        self.start(batch)
             except BaseException:  # out of memory, Ctrl-C, ...: what is done is given out first
                 yield from self._given_out(ready)
                 raise
             if batch is None:
                 ready.append((item, None))
-                item = next(items, _END)
+                with record_function("captune.next_batch"):
+                    item = next(items, _END)
                 continue
             yield from self._given_out(ready)
-            following = next(items, _END)  # fetched (a DataLoader's next batch) while the GPU works
-            ready = [(item, self.finish())]
+            with record_function("captune.next_batch"):
+                following = next(items, _END)  # fetched (a DataLoader's next batch) while the GPU works
+            with record_function("captune.finish"):
+                ready = [(item, self.finish())]
             item = following
         yield from self._given_out(ready)
 
     def _given_out(self, ready: list[tuple[object, torch.Tensor | None]]) -> Iterator[tuple[object, list[str]]]:
+        from torch.profiler import record_function
+
         for item, ids in ready:
-            yield item, [] if ids is None else self.texts(ids)
+            with record_function("captune.give_out"):
+                texts = [] if ids is None else self.texts(ids)
+            yield item, texts
 
     def close(self) -> None:
         if self.decoder is not None:

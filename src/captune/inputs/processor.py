@@ -85,8 +85,9 @@ class Processor:
         pixel_values = self.tile_uint8(image, max_tiles)
         return {"input_ids": self.prompt_ids(question, pixel_values.shape[0]), "pixel_values": pixel_values}
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Left-pad prompts to one length (generation appends on the right) and stack all tiles."""
+    def collate(self, samples: list[dict[str, Any]], pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """Left-pad prompts to one length (generation appends on the right) and stack all tiles (`pin_memory`: into
+        page-locked memory, for an asynchronous copy to a GPU)."""
         length = max(len(s["input_ids"]) for s in samples)
         input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((len(samples), length), dtype=torch.long)  # [B, T]
@@ -94,7 +95,10 @@ class Processor:
             n = len(s["input_ids"])
             input_ids[i, length - n :] = torch.tensor(s["input_ids"], dtype=torch.long)
             attention_mask[i, length - n :] = 1
-        pixel_values = torch.cat([s["pixel_values"] for s in samples])  # [sum of tiles, 3, S, S]
+        tiles = [s["pixel_values"] for s in samples]
+        pixel_values = torch.empty((sum(len(t) for t in tiles), *tiles[0].shape[1:]), dtype=tiles[0].dtype,
+                                   pin_memory=pin_memory)
+        torch.cat(tiles, out=pixel_values)  # [sum of tiles, 3, S, S]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
     def __call__(
