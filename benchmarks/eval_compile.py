@@ -4,7 +4,7 @@
 
 A random InternVL2-2B (bf16, SDPA), batches of synthetic 640x480 JPEGs (7 tiles) already on the GPU: seconds of
 the first call (compilation, CUDA-graph capture) and of later calls (fastest of 3) with the prompt eager and its
-repeated blocks compiled (`eval.greedy.compiled_regions`), then a batch of another size and tile count (one
+repeated blocks compiled (`eval.compiled.compiled_regions`), then a batch of another size and tile count (one
 recompilation with symbolic dimensions), and whether the two give the same tokens.
 """
 
