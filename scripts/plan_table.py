@@ -32,7 +32,8 @@ def eval_cell(e: dict, gpus: int) -> str:
         return f"no: needs {e['gpus_per_model']} GPUs per model"
     k = e["gpus_per_model"]
     layout = "" if gpus == 1 else f"{e['replicas']} x {k} GPU{'s' if k > 1 else ''}, "
-    return f"{layout}batch {e['batch']}, {e['memory_gb']['total']:.0f} GB: {e['minutes']:.1f} min"
+    compiled = ", compiled" if e["compiled"] else ""
+    return f"{layout}batch {e['batch']}{compiled}, {e['memory_gb']['total']:.0f} GB: {e['minutes']:.1f} min"
 
 
 def train_cell(t: dict, gpus: int, notes: dict[str, str]) -> str:
@@ -63,7 +64,8 @@ def table() -> str:
                      + " | ".join(row) + " |")
     lines.append("")
     lines.append("Per GPU: evaluation of the 5,000 COCO test images (7 tiles, 30 new tokens) as replicas x GPUs per "
-                 "model, batch, GB per GPU and minutes; LoRA training with the size's recipe "
+                 "model, batch (compiled: the prompt's repeated blocks, as `--compile auto` does for a model on one GPU "
+                 "with 4,000 images or more), GB per GPU and minutes; LoRA training with the size's recipe "
                  "(`internvl2_<size>_coco_lora`: rank, global batch) in the setting the plan finds fastest among "
                  "those that fit, as strategy, checkpointing, token budget, GB per GPU and hours per COCO epoch. "
                  "Times are the plan's estimates for H100/H200-class GPUs."

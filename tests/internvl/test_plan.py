@@ -152,6 +152,17 @@ def test_speed_estimates_match_the_calibration_runs():
     assert P.COCO_IMAGES * P.GROUP_TOKENS / rate / 3600 == pytest.approx(1.56, rel=0.2)
 
 
+def test_evaluation_is_planned_compiled_as_compile_auto_decides():
+    """One GPU with all 5,000 images compiles the prompt (2B: 36.9 images/s end to end, batch 64, H200,
+    docs/benchmarks.md); eight replicas of 625 images each, or a model over several GPUs, do not."""
+    assert 1 / P.eval_seconds_per_image(shape("InternVL2-2B"), 64, compiled=True) == pytest.approx(36.9, rel=0.1)
+    one, eight = (P.choose_eval(shape("InternVL2-2B"), gpus, 72.0) for gpus in (1, 8))
+    assert one["compiled"] and not eight["compiled"]
+    assert one["images_per_s"] == pytest.approx(1 / P.eval_seconds_per_image(shape("InternVL2-2B"), 64, 1, True))
+    split = P.choose_eval(shape("InternVL2-40B"), 2, 72.0)
+    assert split["gpus_per_model"] == 2 and not split["compiled"]
+
+
 def test_json_output(capsys):
     result = P.plan(RELEASES / "InternVL2-40B", gpus=8, gpu_memory=80, json=True)
     printed = json.loads(capsys.readouterr().out)

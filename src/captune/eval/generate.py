@@ -9,6 +9,7 @@ import torch
 
 from captune.inputs.processor import Processor
 from captune.inputs.tiling import normalize
+from captune.internvl.plan import COMPILE_FROM_IMAGES  # measured with the plan's other evaluation figures
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,6 @@ def generation_config(processor: Processor, settings: GenerationSettings):
 
 ENGINES = ("static", "generate")
 _END = object()
-# --compile auto: on one H200 (2026-12-02, 2B, batch 64) compiling the prompt's repeated blocks took ~10 s (a cold
-# start's warm-up 17 s instead of ~6 s eager), each later version ~5 s (new sizes made symbolic, a batch of one:
-# ~20 s in all over a test set of mixed tile counts), and a batch took 1.63 s instead of 1.96 s, 5 ms less an
-# image: worth it from ~4,000 images (docs/benchmarks.md)
-COMPILE_FROM_IMAGES = 4_000
 
 
 def compile_choice(setting: str, images: int, device: torch.device) -> bool:

@@ -41,6 +41,8 @@ EVAL_VISION_ACT_PER_MLP = 2.9
 EVAL_MFU = 0.51  # (batch 16; H200, docs/benchmarks.md): prefill compute efficiency; all five within 5.3%
 DECODE_LAYER_S = 0.25e-3  # per decoder layer per new token (a graph replay: attention over the cache), above bandwidth
 EVAL_HOST_S = 0.008  # per image: the data path and what runs between batches
+# --compile auto from this many images per process, one GPU per model: ~20 s to compile, 5 ms saved per image
+COMPILE_FROM_IMAGES, EVAL_COMPILED_PREFILL = 4_000, 0.81  # prefill 1.699 -> 1.380 s per batch of 64 (2B, H200)
 SPLIT_EFFICIENCY = 0.95  # one model over K GPUs runs its layers in turn, hidden states hop GPUs (not measured)
 # Training on COCO Karpathy train with shared prefixes: one row segment per image and its ~5 captions.
 COCO_IMAGES, COCO_CAPTIONS = 113_287, 566_747
@@ -173,12 +175,13 @@ def eval_memory(s: Shape, batch: int, gpus_per_model: int = 1) -> dict[str, floa
     return out
 
 
-def eval_seconds_per_image(s: Shape, batch: int, gpus_per_model: int = 1) -> float:
+def eval_seconds_per_image(s: Shape, batch: int, gpus_per_model: int = 1, compiled: bool = False) -> float:
     counts = parameter_counts(s)
     flops = 2 * counts["llm_layers"] * EVAL_PROMPT + 2 * s.layers * EVAL_PROMPT**2 * s.heads * s.head_dim \
         + vision_flops_per_image(s, EVAL_TILES)
     step = max(counts["total"] * 2 / BANDWIDTH, s.layers * DECODE_LAYER_S)
-    seconds = flops / (EVAL_MFU * PEAK_FLOPS) + EVAL_NEW_TOKENS * step / batch + EVAL_HOST_S
+    prefill = flops / (EVAL_MFU * PEAK_FLOPS) * (EVAL_COMPILED_PREFILL if compiled else 1.0)
+    seconds = prefill + EVAL_NEW_TOKENS * step / batch + EVAL_HOST_S
     return seconds / (SPLIT_EFFICIENCY if gpus_per_model > 1 else 1.0)
 
 
@@ -189,9 +192,10 @@ def choose_eval(s: Shape, gpus: int, usable: float) -> dict:
         batch = next((b for b in EVAL_BATCHES if eval_memory(s, b, k)["total"] <= usable), None)
         if batch is None:
             continue
-        rate = gpus // k / eval_seconds_per_image(s, batch, k)
+        compiled = k == 1 and EVAL_IMAGES / (gpus // k) >= COMPILE_FROM_IMAGES  # as --compile auto decides
+        rate = gpus // k / eval_seconds_per_image(s, batch, k, compiled)
         if best is None or rate > best["images_per_s"] * 1.001:
-            best = {"fits": True, "gpus_per_model": k, "replicas": gpus // k, "batch": batch,
+            best = {"fits": True, "gpus_per_model": k, "replicas": gpus // k, "batch": batch, "compiled": compiled,
                     "memory_gb": eval_memory(s, batch, k), "images_per_s": rate, "minutes": EVAL_IMAGES / rate / 60}
     if best:
         return best
@@ -373,7 +377,7 @@ def format_plan(r: dict) -> str:
                  f"{EVAL_NEW_TOKENS} new tokens)")
     k, mem = e["gpus_per_model"], e["memory_gb"]
     lines.append(f"  strategy       {e['replicas']} replica{'s' if e['replicas'] > 1 else ''} x {k} GPU"
-                 f"{'s' if k > 1 else ''} per model, batch {e['batch']}" if e["fits"] else
+                 f"{'s' if k > 1 else ''} per model, batch {e['batch']}{', compiled' * e['compiled']}" if e["fits"] else
                  f"  does not fit   {e['message']}")
     lines.append(f"  per GPU        weights {mem['weights']:.1f} + KV cache {mem['kv_cache']:.1f} + activations "
                  f"{mem['activations']:.1f} = {mem['total']:.1f} GB")
