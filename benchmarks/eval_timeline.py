@@ -17,7 +17,6 @@ import argparse
 import gzip
 import json
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import torch
 
 from captune.demo.bench import (
     bench_processor,
-    cuda_sync,
     random_model,
     report,
     synthetic_jpegs,
@@ -105,8 +103,7 @@ def analyse(trace: dict, batches: int) -> dict:
 
 
 def main() -> None:
-    from captune.data.evalsets import EvalImage
-    from captune.eval.captions import CaptionLog, EvalSettings, generate_captions
+    from captune.demo.bench_eval import caption_run
     from captune.eval.generate import compile_choice
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,26 +119,15 @@ def main() -> None:
     dev = torch.device("cuda")
     processor = bench_processor(args.tokenizer)
     model = random_model(dev, torch.bfloat16, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
-    settings = EvalSettings(model="random", test_json="-", max_tiles=6, max_new_tokens=args.tokens,
-                            min_new_tokens=args.tokens)
     compile = compile_choice(args.compile, 5000, dev)
     result = {"device": torch.cuda.get_device_name(dev), "batch": args.batch, "workers": args.workers,
               "compiled": compile}
     with tempfile.TemporaryDirectory() as tmp:
         paths = synthetic_jpegs(Path(tmp) / "val2014", max(args.images, args.profiled_images))
-        images = [EvalImage(i, p) for i, p in enumerate(paths)]
 
         def run(n: int, name: str) -> float:
-            log = CaptionLog(Path(tmp), 0, False)
-            cuda_sync(dev)
-            start = time.perf_counter()
-            generate_captions(model, processor, images[:n], log, settings, args.batch, args.workers, progress=False,
-                              compile=compile)
-            cuda_sync(dev)
-            log.close()
-            for path in (log.captions_path, log.skipped_path):
-                path.unlink()
-            seconds = time.perf_counter() - start
+            seconds, _ = caption_run(model, processor, paths[:n], args.batch, args.workers, args.tokens, "static",
+                                     compile)
             print(f"{name}: {n / seconds:.2f} images/s ({seconds:.1f} s)", flush=True)
             return seconds
 

@@ -21,5 +21,5 @@ def test_replaced_puts_everything_back_after_an_error():
         assert plain(1) == "a" and hooked(1) == "b" and namespace.rotary(1) == -1
         raise RuntimeError("out of memory")
     assert "forward" not in vars(plain)  # its class's forward again
-    assert hooked.forward is own
+    assert hooked.forward is own and hooked(1) == "own"  # a forward set on the module (accelerate's hooks) again
     assert namespace.rotary is original

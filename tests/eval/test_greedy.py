@@ -161,19 +161,6 @@ def test_compile_choice():
         compile_choice("yes", 1, gpu)
 
 
-def test_forwards_put_back_a_forward_set_on_the_module():
-    """A forward set on the module itself (accelerate's hooks do that) is what the module has again afterwards."""
-    from captune.eval.greedy import _forwards
-
-    plain, hooked = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    hook = hooked.forward
-    hooked.forward = lambda x: hook(x) * 0
-    with _forwards([(plain, lambda x: "a"), (hooked, lambda x: "b")]):
-        assert plain(1) == "a" and hooked(1) == "b"
-    assert "forward" not in vars(plain)
-    assert not hooked(torch.ones(2)).any()  # the module's own forward again
-
-
 def test_overlapped_gives_out_what_is_done_before_an_error(mini):
     """An error while the next batch starts (out of memory, Ctrl-C) comes after the finished batch's captions."""
     model, processor, images = mini

@@ -4,9 +4,10 @@
 
 (a) one image at a time, as InternVL's `evaluate_caption.py`; (b) captune (`eval/greedy.py`: static cache, CUDA-graphed
 decode step; the prompt's repeated blocks compiled if `captune eval` would compile them for the 5,000 COCO test images,
-the compilation timed in the warm-up and counted in the 5,000 images' minutes); (c) plain transformers `generate` on the same batches from the same loader: the loop a user would
-otherwise write. Also: how often (b)'s captions equal (c)'s and batch 1's (bf16 on a GPU changes sums with the batch
-shape), and where (b)'s time goes (vision tower, prompt, decoding, the rest). The model is a random InternVL2-2B
+the compilation timed in the warm-up and counted in the 5,000 images' minutes); (c) plain transformers `generate` on
+the same batches from the same loader: the loop a user would otherwise write. Also: how often (b)'s captions equal
+(c)'s and batch 1's (bf16 on a GPU changes sums with the batch shape), and where (b)'s time goes (vision tower,
+prompt, decoding, the rest). The model is a random InternVL2-2B
 (`demo.bench.random_model`); with `--tokens 30` every row generates exactly 30 tokens, so the work is fixed.
 """
 
@@ -30,7 +31,7 @@ from captune.demo.bench import (
 )
 
 
-def _caption_run(model, processor, paths: list[Path], batch_size: int, workers: int, tokens: int,
+def caption_run(model, processor, paths: list[Path], batch_size: int, workers: int, tokens: int,
                  engine: str, compile: bool = False) -> tuple[float, dict[int, str]]:
     """Wall seconds to caption `paths` end to end (images decoded and tiled in workers), and the captions."""
     from captune.data.evalsets import EvalImage
@@ -135,10 +136,10 @@ def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images:
     with tempfile.TemporaryDirectory() as tmp:
         paths = synthetic_jpegs(Path(tmp) / "val2014", max(images, baseline_images, agreement_images))
         result["tiles_per_image"] = processor.tile(paths[0], 6).shape[0]
-        _caption_run(model, processor, paths[:2], 1, 1, tokens, "generate")  # warm-up
+        caption_run(model, processor, paths[:2], 1, 1, tokens, "generate")  # warm-up
         reset_peak(dev)
         # InternVL's evaluate_caption.py: batch size 1, one DataLoader worker, transformers' generate
-        a, _ = _caption_run(model, processor, paths[:baseline_images], 1, 1, tokens, "generate")
+        a, _ = caption_run(model, processor, paths[:baseline_images], 1, 1, tokens, "generate")
         result["a_one_at_a_time"] = {"images": baseline_images, "seconds": a, "images_per_s": baseline_images / a,
                                      "peak_gb": peak_gb(dev)}
         print(f"captune bench eval: (a) {baseline_images / a:.2f} images/s", file=sys.stderr, flush=True)
@@ -150,10 +151,10 @@ def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images:
             for name, engine in (("b_captune", "static"), ("c_generate", "generate")):
                 key = f"{name}_batch{size}"
                 # warm-up at full size (captune: the prompt's blocks compiled, the decode step captured)
-                warm, _ = _caption_run(model, processor, paths[:size], size, workers, tokens, engine, compile)
+                warm, _ = caption_run(model, processor, paths[:size], size, workers, tokens, engine, compile)
                 reset_peak(dev)
                 try:
-                    seconds, captions[engine] = _caption_run(model, processor, paths[:images], size, workers, tokens,
+                    seconds, captions[engine] = caption_run(model, processor, paths[:images], size, workers, tokens,
                                                              engine, compile)
                 except torch.cuda.OutOfMemoryError:
                     result[key] = {"error": "out of memory"}
@@ -171,9 +172,10 @@ def bench_eval(tokenizer: str | None = None, images: int = 640, baseline_images:
                 b["speedup_vs_c"] = b["images_per_s"] / c["images_per_s"]
             static[size] = captions.get("static", {})
             if len(captions) == 2:
-                result[f"agreement_batch{size}"] = {"captune_vs_generate": _same(captions["static"], captions["generate"])}
+                result[f"agreement_batch{size}"] = {
+                    "captune_vs_generate": _same(captions["static"], captions["generate"])}
         if agreement_images:  # after the timed rows, so that the first (b) warm-up includes the first compilation
-            _, one = _caption_run(model, processor, paths[:agreement_images], 1, workers, tokens, "static", compile)
+            _, one = caption_run(model, processor, paths[:agreement_images], 1, workers, tokens, "static", compile)
             for size, captions in static.items():
                 result.setdefault(f"agreement_batch{size}", {})["captune_vs_batch1"] = _same(captions, one)
         size = batch_sizes[0]

@@ -131,17 +131,9 @@ def _fixed_rope(modules: list):
     """Their forward without transformers' `dynamic_rope_update`, which compares a GPU tensor with a number every
     step (a wait for the host: no CUDA graph can be captured) to recompute frequencies past the trained length. Used
     only while every position stays within that length, where the update changes nothing (`_rope_fixed`)."""
-    plain = [(m, types.MethodType(inspect.unwrap(type(m).forward), m)) for m in modules
+    plain = [(m, "forward", types.MethodType(inspect.unwrap(type(m).forward), m)) for m in modules
              if inspect.unwrap(type(m).forward) is not type(m).forward]
-    with _forwards(plain):
-        yield
-
-
-@contextlib.contextmanager
-def _forwards(replacements: list):
-    """Each (module, forward) pair's forward used for the duration; the model is left as it was (a forward set on
-    the module itself, e.g. by accelerate's hooks, is put back)."""
-    with replaced([(module, "forward", forward) for module, forward in replacements]):
+    with replaced(plain):  # a forward set on the module itself (accelerate's hooks) is put back after
         yield
 
 

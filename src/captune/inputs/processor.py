@@ -137,8 +137,8 @@ def decode_ids(tokenizer: Any, ids: Iterable[int], skip_special_tokens: bool = T
     with runs of byte-fallback pieces decoded as SentencePiece decodes them (see above), and tokenization spaces
     cleaned up (transformers' `clean_up_tokenization`: " ." -> ".", " 's" -> "'s", ...) when the tokenizer's
     `clean_up_tokenization_spaces` is on, as 4.37 does for any tokenizer (transformers 5's `decode` skips it for BPE
-    ones, e.g. Llama 3's). InternLM2's original tokenizer cleans up
-    always, so captune builds it with the flag on (`internvl.tokenizer`)."""
+    ones, e.g. Llama 3's). InternLM2's original tokenizer cleans up always, so captune builds it with the flag on
+    (`internvl.tokenizer`)."""
     ids = [int(i) for i in ids]
     text = _decode_bytes_as_sentencepiece(tokenizer, ids, skip_special_tokens)
     return tokenizer.clean_up_tokenization(text) if getattr(tokenizer, "clean_up_tokenization_spaces", False) else text
