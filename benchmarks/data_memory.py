@@ -4,7 +4,8 @@
 
 Builds what `captune train` builds before its first step (`load_training_data`: read, image check, compact table,
 lengths, groups; the `Schedule`; `CaptionDataset` and its forked DataLoader workers, `iter_batches`) with the
-recipe's settings, then draws every micro-batch of one epoch, sampling the memory of the process and its workers:
+recipe's settings, then draws every micro-batch of one epoch, sampling the memory of the process and its workers
+(at the first micro-batch, at the end of the first optimizer step's micro-batches, then every `--every`):
 PSS (shared pages counted once, split between the processes sharing them: what the tree really costs) and USS
 (pages private to one process: what copy-on-write has duplicated). Also times the start-up: a first start (every
 image header read) and a resume (the image check's cache in the run folder).
@@ -87,6 +88,7 @@ def main() -> None:
     print(f"start-up: {first_start:.1f} s, resumed: {resume_start:.1f} s (the image check's cache)", flush=True)
     schedule = Schedule(data.lengths, data.groups.sizes, config, 1, data.shared)
     micro = [b for step in range(schedule.steps_per_epoch) for b in schedule.plan(step)[0]]
+    first_step = len(schedule.plan(0)[0])  # micro-batches of the first optimizer step
     dataset = CaptionDataset(data.table, data.groups, processor, config.max_tiles, config.max_seq_length)
     collate = Collate(processor.pad_token_id, data.shared, config.token_budget, static=False)
     batches = iter_batches(dataset, micro, collate, args.num_workers, pin_memory=False)
@@ -96,17 +98,20 @@ def main() -> None:
         batch, _ = next(batches)
         rows += batch.input_ids.shape[0]
         over += batch.input_ids.shape[0] > 1 and data.shared
-        if i == 0 or (i + 1) % args.every == 0 or i == len(micro) - 1:
+        if i in (0, first_step - 1) or (i + 1) % args.every == 0 or i == len(micro) - 1:
             samples.append({"micro_batch": i + 1, **tree_memory(os.getpid())})
     epoch = time.perf_counter() - t0
-    first = samples[0]["pss_gb"]
+    first = next(s["pss_gb"] for s in samples if s["micro_batch"] == first_step)
+    peak = max(s["pss_gb"] for s in samples)
     result = {
         "captions": len(data.table), "images": len(data.table.images), "groups": len(data.groups),
         "table_mb": data.table.nbytes / 2**20, "micro_batches": len(micro), "rows": rows,
         "micro_batches_over_one_row": over, "first_start_s": first_start, "resume_start_s": resume_start,
-        "epoch_s": epoch, "num_workers": args.num_workers, "tile_size": processor.tile_size, "first_step_pss_gb": first,
-        "max_pss_gb": max(s["pss_gb"] for s in samples), "last_pss_gb": samples[-1]["pss_gb"],
-        "max_growth": max(s["pss_gb"] for s in samples) / first - 1, "samples": samples,
+        "epoch_s": epoch, "num_workers": args.num_workers, "tile_size": processor.tile_size,
+        "first_micro_batch_pss_gb": samples[0]["pss_gb"], "first_step_micro_batches": first_step,
+        "first_step_pss_gb": first, "max_pss_gb": peak, "last_pss_gb": samples[-1]["pss_gb"],
+        "max_growth": peak / first - 1, "max_growth_from_first_micro_batch": peak / samples[0]["pss_gb"] - 1,
+        "samples": samples,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     if args.out:

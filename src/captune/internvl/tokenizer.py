@@ -42,6 +42,12 @@ _NORMAL, _USER_DEFINED = 1, 4
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
                     "spiece.model", "sentencepiece.bpe.model", "tekken.json")
 
+# A BPE model remembers the merges of every pre-tokenized "word" it has seen, up to 10,000 of them, and never
+# evicts one. InternLM2's tokenizer has no pre-tokenizer, so its words are whole captions: 10,000 of them (~30 MB)
+# filled up slowly in every data-loader worker, whose memory rose through its first ~125 micro-batches. The first
+# 1,024 entries (the template's and the question's pieces among them) cost ~3 MB and are full before the workers start.
+BPE_CACHE_ENTRIES = 1024
+
 
 def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
     """The fast tokenizer of the model or tokenizer folder `path`."""
@@ -52,14 +58,25 @@ def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
         raise CaptuneError("no tokenizer files here (expected tokenizer.json or tokenizer.model)", folder)
     config = _read_config(folder)
     if _is_internlm2(folder, config):
-        return _internlm2_tokenizer(folder, config)
+        return _bounded_cache(_internlm2_tokenizer(folder, config))
     try:
         # An empty config: an original release's config.json (internvl_chat) is unknown to AutoConfig, which
         # would only warn about it; the tokenizer files say everything needed.
-        return transformers.AutoTokenizer.from_pretrained(str(folder), config=transformers.PretrainedConfig(),
-                                                          trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), config=transformers.PretrainedConfig(),
+                                                               trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError...)
         raise CaptuneError(f"cannot load the tokenizer: {type(e).__name__}: {e}", folder) from None
+    return _bounded_cache(tokenizer)
+
+
+def _bounded_cache(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer with its BPE cache limited to `BPE_CACHE_ENTRIES` (a no-op for other models, and for a
+    tokenizers release without `_resize_cache`, the binding's only way to set it after loading)."""
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    resize = getattr(model, "_resize_cache", None)
+    if resize is not None:
+        resize(BPE_CACHE_ENTRIES)
+    return tokenizer
 
 
 def image_token_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> dict[str, int]:

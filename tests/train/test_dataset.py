@@ -1,0 +1,78 @@
+"""captune.train.dataset: the micro-batches forked data-loader workers make are those of the main process."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import os
+import threading
+
+import pytest
+import torch
+from helpers.packed_setup import build_setup
+
+from captune.data.table import SampleTable
+from captune.train.collate import Collate
+from captune.train.dataset import (
+    CaptionDataset,
+    InHelperThread,
+    group_samples,
+    iter_batches,
+)
+
+MICRO_BATCHES = [[0, 2], [1], [2, 0, 1], [1, 0]]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return build_setup(tmp_path_factory.mktemp("dataset"))
+
+
+def _batches(setup, num_workers: int) -> list:
+    samples, processor, _ = setup
+    table = SampleTable.of(samples)
+    dataset = CaptionDataset(table, group_samples(table, share=True), processor, 6, 4096)
+    collate = Collate(processor.pad_token_id, shared=True, token_budget=10_000, static=False)
+    try:
+        batches = iter_batches(dataset, MICRO_BATCHES, collate, num_workers, pin_memory=False)
+        return list(itertools.islice(batches, len(MICRO_BATCHES)))
+    finally:
+        gc.unfreeze()  # iter_batches freezes the objects it forks with; `train` unfreezes them at its end
+
+
+def _fields(value) -> dict:
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+def test_workers_make_the_main_process_batches(setup):
+    here, forked = _batches(setup, 0), _batches(setup, 2)
+    assert len(here) == len(forked) == len(MICRO_BATCHES)
+    for (a, errors_a), (b, errors_b) in zip(here, forked):
+        assert errors_a == errors_b == []
+        for name, x in _fields(a).items():
+            y = getattr(b, name)
+            if dataclasses.is_dataclass(x):  # the shared-prefix mask's token ids
+                assert all(torch.equal(x_, y_) for x_, y_ in zip(_fields(x).values(), _fields(y).values())), name
+            elif isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), name
+            else:
+                assert x == y, name
+
+
+def test_helper_thread_is_made_in_each_process():
+    run = InHelperThread()
+    here = run(lambda: (os.getpid(), threading.current_thread() is threading.main_thread()))
+    assert here == (os.getpid(), False)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool has no thread here; a call must make its own
+        try:
+            child = run(lambda: (os.getpid(), threading.current_thread() is threading.main_thread()))
+            os.write(write, b"ok" if child == (os.getpid(), False) else b"bad")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 2) == b"ok"
+    with pytest.raises(ZeroDivisionError):  # errors reach the caller
+        run(lambda: 1 / 0)
