@@ -30,12 +30,17 @@ def setup(tmp_path_factory):
 
 
 def _batches(setup, num_workers: int) -> list:
+    """Each micro-batch's (TrainBatch, errors) and the name of the thread that collated it."""
     samples, processor, _ = setup
     table = SampleTable.of(samples)
     dataset = CaptionDataset(table, group_samples(table, share=True), processor, 6, 4096)
     collate = Collate(processor.pad_token_id, shared=True, token_budget=10_000, static=False)
+
+    def collate_where(items):
+        return collate(items), threading.current_thread().name
+
     try:
-        batches = iter_batches(dataset, MICRO_BATCHES, collate, num_workers, pin_memory=False)
+        batches = iter_batches(dataset, MICRO_BATCHES, collate_where, num_workers, pin_memory=False)
         return list(itertools.islice(batches, len(MICRO_BATCHES)))
     finally:
         gc.unfreeze()  # iter_batches freezes the objects it forks with; `train` unfreezes them at its end
@@ -48,7 +53,10 @@ def _fields(value) -> dict:
 def test_workers_make_the_main_process_batches(setup):
     here, forked = _batches(setup, 0), _batches(setup, 2)
     assert len(here) == len(forked) == len(MICRO_BATCHES)
-    for (a, errors_a), (b, errors_b) in zip(here, forked):
+    assert {thread for _, thread in here} == {"MainThread"}
+    # in a worker, away from the heap it shares with the trainer (InHelperThread's docstring)
+    assert all(thread.startswith("captune-data") for _, thread in forked)
+    for ((a, errors_a), _), ((b, errors_b), _) in zip(here, forked):
         assert errors_a == errors_b == []
         for name, x in _fields(a).items():
             y = getattr(b, name)
@@ -60,19 +68,21 @@ def test_workers_make_the_main_process_batches(setup):
                 assert x == y, name
 
 
+def _where() -> tuple[int, bool]:
+    return os.getpid(), threading.current_thread() is threading.main_thread()
+
+
 def test_helper_thread_is_made_in_each_process():
     run = InHelperThread()
-    here = run(lambda: (os.getpid(), threading.current_thread() is threading.main_thread()))
-    assert here == (os.getpid(), False)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: the parent's pool has no thread here; a call must make its own
+    pid = os.fork()  # before the first call: a process with threads should not fork
+    if pid == 0:
+        code = 1
         try:
-            child = run(lambda: (os.getpid(), threading.current_thread() is threading.main_thread()))
-            os.write(write, b"ok" if child == (os.getpid(), False) else b"bad")
+            code = 0 if run(_where) == (os.getpid(), False) else 1
         finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    assert os.read(read, 2) == b"ok"
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert run(_where) == (os.getpid(), False)
     with pytest.raises(ZeroDivisionError):  # errors reach the caller
         run(lambda: 1 / 0)

@@ -43,9 +43,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
                     "spiece.model", "sentencepiece.bpe.model", "tekken.json")
 
 # A BPE model remembers the merges of every pre-tokenized "word" it has seen, up to 10,000 of them, and never
-# evicts one. InternLM2's tokenizer has no pre-tokenizer, so its words are whole captions: 10,000 of them (~30 MB)
-# filled up slowly in every data-loader worker, whose memory rose through its first ~125 micro-batches. The first
-# 1,024 entries (the template's and the question's pieces among them) cost ~3 MB and are full before the workers start.
+# evicts one. Where the pre-tokenizer does not split (InternLM2's has none, SentencePiece conversions may keep the text
+# whole), the words are whole captions: 10,000 of them (~30 MB) filled up slowly in every data-loader worker, whose
+# memory rose through its first ~2,000 images. 1,024 entries (the template's and the question's pieces among the
+# first) cost ~3 MB; tokenizers that split into real words keep their default cache.
 BPE_CACHE_ENTRIES = 1024
 
 
@@ -70,11 +71,14 @@ def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
 
 
 def _bounded_cache(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer with its BPE cache limited to `BPE_CACHE_ENTRIES` (a no-op for other models, and for a
-    tokenizers release without `_resize_cache`, the binding's only way to set it after loading)."""
-    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
-    resize = getattr(model, "_resize_cache", None)
-    if resize is not None:
+    """The tokenizer with its BPE cache limited to `BPE_CACHE_ENTRIES` if it caches whole texts (unchanged otherwise,
+    and with a tokenizers release without `_resize_cache`, the binding's only way to set it after loading)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    resize = getattr(getattr(backend, "model", None), "_resize_cache", None)
+    if resize is None:
+        return tokenizer
+    pre = backend.pre_tokenizer
+    if pre is None or len(pre.pre_tokenize_str("a caption")) == 1:
         resize(BPE_CACHE_ENTRIES)
     return tokenizer
 

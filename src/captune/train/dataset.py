@@ -13,6 +13,7 @@ import ctypes
 import functools
 import gc
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,9 +133,13 @@ def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collat
     if num_workers > 0:
         run = InHelperThread()
         dataset, collate = _ItemsIn(run, dataset), functools.partial(run, collate)
+    # Forked, wherever fork is the safe default (Linux): what follows relies on the workers sharing this process's
+    # memory, and a pickled tokenizer would lose its bounded cache (Python 3.14 makes forkserver the default).
+    context = "fork" if num_workers > 0 and sys.platform == "linux" else None
     loader = DataLoader(dataset, batch_sampler=micro_batches, num_workers=num_workers, collate_fn=collate,
                         pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
-                        worker_init_fn=ignore_interrupts_in_worker if num_workers > 0 else None)
+                        worker_init_fn=ignore_interrupts_in_worker if num_workers > 0 else None,
+                        multiprocessing_context=context)
     # The workers are forks of this process: objects that exist now are left alone by the garbage collector from
     # here on (`train` unfreezes them at the end), so it does not touch, and so copy, their memory in every worker.
     gc.collect()
@@ -148,9 +153,10 @@ class InHelperThread:
     after the fork).
 
     A forked worker's main thread allocates from the C heap it inherited from the trainer, whose free holes (~120 MB
-    after loading the tokenizer and the data) it would fill a page at a time, each page copied on write: the process
-    tree's memory rose by a fifth over the first half of an epoch at the tutorial's scale. glibc gives every other
-    thread an arena of its own, which holds only the worker's working set (~8 MB, reached in its first items)."""
+    after loading the tokenizer and the data) it would fill a page at a time, each page copied on write. glibc serves
+    any other thread from another arena (a new one, or one a trainer thread left, trimmed before the fork): on a 10%
+    subset of the tutorial's data the growth of the process tree over an epoch went from +10% to +4% with it
+    (docs/benchmarks.md)."""
 
     def __init__(self):
         self._pool, self._pid = None, None
