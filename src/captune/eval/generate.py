@@ -122,8 +122,12 @@ class Captioner:
 
         ready: list[tuple[object, torch.Tensor | None]] = []  # done on the GPU, not yet given out
         items = iter(items)
-        with record_function("captune.next_batch"):
-            item = next(items, _END)
+
+        def fetch():
+            with record_function("captune.next_batch"):
+                return next(items, _END)
+
+        item = fetch()
         while item is not _END:
             try:
                 batch = batch_of(item)
@@ -135,12 +139,10 @@ class Captioner:
                 raise
             if batch is None:
                 ready.append((item, None))
-                with record_function("captune.next_batch"):
-                    item = next(items, _END)
+                item = fetch()
                 continue
             yield from self._given_out(ready)
-            with record_function("captune.next_batch"):
-                following = next(items, _END)  # fetched (a DataLoader's next batch) while the GPU works
+            following = fetch()  # fetched (a DataLoader's next batch) while the GPU works
             with record_function("captune.finish"):
                 ready = [(item, self.finish())]
             item = following

@@ -130,21 +130,22 @@ def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collat
                  pin_memory: bool):
     """The collated micro-batches, in order, loaded by `num_workers` forked worker processes, which leave Ctrl-C to
     the main process (the training loop stops in order; a worker's KeyboardInterrupt would print a traceback)."""
+    forked = {}
     if num_workers > 0:
         run = InHelperThread()
         dataset, collate = _ItemsIn(run, dataset), functools.partial(run, collate)
-    # Forked, wherever fork is the safe default (Linux): what follows relies on the workers sharing this process's
-    # memory, and a pickled tokenizer would lose its bounded cache (Python 3.14 makes forkserver the default).
-    context = "fork" if num_workers > 0 and sys.platform == "linux" else None
+        # Forked, wherever fork is the safe default (Linux): what follows relies on the workers sharing this
+        # process's memory, and a pickled tokenizer would lose its bounded cache (Python 3.14 defaults to forkserver).
+        forked = {"prefetch_factor": 4, "worker_init_fn": ignore_interrupts_in_worker,
+                  "multiprocessing_context": "fork" if sys.platform == "linux" else None}
     loader = DataLoader(dataset, batch_sampler=micro_batches, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
-                        worker_init_fn=ignore_interrupts_in_worker if num_workers > 0 else None,
-                        multiprocessing_context=context)
+                        pin_memory=pin_memory, **forked)
     # The workers are forks of this process: objects that exist now are left alone by the garbage collector from
     # here on (`train` unfreezes them at the end), so it does not touch, and so copy, their memory in every worker.
     gc.collect()
     gc.freeze()
-    _release_free_heap()
+    if num_workers > 0:
+        _release_free_heap()
     return iter(loader)
 
 
