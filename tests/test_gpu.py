@@ -35,6 +35,34 @@ def test_flex_attention_training_step_equals_dense_sdpa(tmp_path):
         assert tp.rel(grads_b[name], grads_a[name]) < 1e-3, name
 
 
+def test_block_mask_builder_compiled_only_for_padded_rows(tmp_path, monkeypatch):
+    """Unpadded rows (training without --compile, FSDP) build their BlockMask eagerly; rows padded to the budget ask
+    for the compiled builder (replaced here by the eager one: compiling it takes minutes)."""
+    from helpers import packed_setup as tp
+    from torch.nn.attention import flex_attention
+
+    from captune.data.table import SampleTable
+    from captune.train.collate import collate_shared
+    from captune.train.dataset import CaptionDataset, group_samples
+
+    samples, processor, _ = tp.build_setup(tmp_path)
+    table = SampleTable.of(samples)
+    groups = group_samples(table, share=True)
+    items = [CaptionDataset(table, groups, processor, 6, 4096)[g] for g in range(len(groups))]
+    real, asked = flex_attention.create_block_mask, []
+
+    def spy(*args, _compile=False, **kwargs):
+        asked.append(_compile)
+        return real(*args, _compile=False, **kwargs)
+
+    monkeypatch.setattr(flex_attention, "create_block_mask", spy)
+    cuda = torch.device("cuda")
+    masks = [collate_shared(items, processor.pad_token_id, 4096, pad_to_budget=pad).to(cuda, torch.float32)
+             .attention_mask.block_mask() for pad in (False, True)]
+    assert asked == [False, True]
+    assert masks[0].shape[-1] < masks[1].shape[-1] == 4096
+
+
 def test_compiled_training_step_equals_eager(tmp_path):
     """`--compile` (LLM for rows padded to the token budget, vision tower for any tile count) gives the loss
     and LoRA gradients of the eager model on unpadded rows. In bf16 under autocast, as training runs on a GPU

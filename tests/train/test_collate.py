@@ -84,6 +84,20 @@ def test_flex_block_mask_forward_equals_dense(setup):
     assert rel(flex[keep], dense[keep]) < 1e-5
 
 
+def test_only_rows_padded_to_the_budget_have_one_shape(setup):
+    """Rows padded to the token budget (the compiled model's) are marked static, on the way to the device too: only
+    for them is the block mask builder compiled (once), since compiling it takes minutes for every new length."""
+    samples, processor, _ = setup
+    table = SampleTable.of(samples)
+    groups = group_samples(table, share=True)
+    items = [CaptionDataset(table, groups, processor, 6, 4096)[g] for g in range(len(groups))]
+    padded = collate_shared(items, processor.pad_token_id, 4096, pad_to_budget=True)
+    unpadded = collate_shared(items, processor.pad_token_id, 4096)
+    assert padded.input_ids.shape[1] == 4096 and unpadded.input_ids.shape[1] < 4096
+    assert padded.attention_mask.static and not unpadded.attention_mask.static
+    assert padded.to(torch.device("cpu"), torch.float32).attention_mask.static
+
+
 def test_auto_shares_only_repeated_images(setup):
     samples, _, _ = setup
     table, one = SampleTable.of(samples), SampleTable.of(samples[:1])

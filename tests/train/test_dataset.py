@@ -50,6 +50,10 @@ def _fields(value) -> dict:
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
+def _same(x, y) -> bool:
+    return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
 def test_workers_make_the_main_process_batches(setup):
     here, forked = _batches(setup, 0), _batches(setup, 2)
     assert len(here) == len(forked) == len(MICRO_BATCHES)
@@ -60,12 +64,10 @@ def test_workers_make_the_main_process_batches(setup):
         assert errors_a == errors_b == []
         for name, x in _fields(a).items():
             y = getattr(b, name)
-            if dataclasses.is_dataclass(x):  # the shared-prefix mask's token ids
-                assert all(torch.equal(x_, y_) for x_, y_ in zip(_fields(x).values(), _fields(y).values())), name
-            elif isinstance(x, torch.Tensor):
-                assert torch.equal(x, y), name
+            if dataclasses.is_dataclass(x):  # the shared-prefix mask: token ids and whether rows are padded
+                assert all(_same(x_, y_) for x_, y_ in zip(_fields(x).values(), _fields(y).values())), name
             else:
-                assert x == y, name
+                assert _same(x, y), name
 
 
 def _where() -> tuple[int, bool]:

@@ -44,10 +44,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 # A BPE model remembers the merges of every pre-tokenized "word" it has seen, up to 10,000 of them, and never
 # evicts one. Where the pre-tokenizer does not split (InternLM2's has none, SentencePiece conversions may keep the text
-# whole), the words are whole captions: 10,000 of them (~30 MB) filled up slowly in every data-loader worker, whose
-# memory rose through its first ~2,000 images. 1,024 entries (the template's and the question's pieces among the
-# first) cost ~3 MB; tokenizers that split into real words keep their default cache.
-BPE_CACHE_ENTRIES = 1024
+# whole), the words are whole captions, which never repeat: caching them only costs memory, ~3 KB each, filled in
+# every data-loader worker (the length count's batch calls leave the cache nearly empty before the fork): 10,000
+# entries grew each worker by ~30 MB over its first ~2,000 images, 1,024 by ~3 MB. 64 leave room for the pieces that do
+# repeat (the template's and the question's; encoding speed unchanged); tokenizers that split into real words keep
+# their default cache.
+BPE_CACHE_ENTRIES = 64
 
 
 def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:

@@ -119,13 +119,16 @@ def split_prefix(encodings: list[dict[str, list[int]]]) -> PackedGroup | None:
 @dataclass
 class PrefixSharing:
     """Per-token ids from which the attention mask is built on the device: `doc` (which group of the row, -1 for
-    padding) and `branch` (0 for a group's shared prefix, k for its k-th caption)."""
+    padding) and `branch` (0 for a group's shared prefix, k for its k-th caption); `static` when every row has the
+    same length in every micro-batch (padded to the token budget)."""
 
     doc: torch.Tensor  # [B, T]
     branch: torch.Tensor  # [B, T]
+    static: bool = False
 
     def to(self, device) -> PrefixSharing:
-        return PrefixSharing(self.doc.to(device, non_blocking=True), self.branch.to(device, non_blocking=True))
+        return PrefixSharing(self.doc.to(device, non_blocking=True), self.branch.to(device, non_blocking=True),
+                             self.static)
 
     def dense(self) -> torch.Tensor:
         """[B, 1, T, T] boolean mask (True = may attend), for SDPA: the plain path, which also runs on the CPU."""
@@ -146,8 +149,11 @@ class PrefixSharing:
             return (doc[b, q] == doc[b, k]) & (k <= q) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
 
         b, t = doc.shape
-        # compiled on the GPU: evaluating mask_mod eagerly over T x T positions takes ~10 ms a micro-batch
-        return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=doc.device, _compile=doc.is_cuda)
+        # Compiled only for one shape (rows padded to the budget: the compiled model's), once: compiling the builder
+        # takes minutes on torch 2.11 and is redone for new lengths, where the eager one takes ~12 ms a micro-batch of
+        # 16k tokens on an H200 (docs/benchmarks.md).
+        return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=doc.device,
+                                 _compile=doc.is_cuda and self.static)
 
 
 def pack(groups: list[PackedGroup], token_budget: int) -> list[list[int]]:
@@ -217,7 +223,8 @@ def collate_shared(items: list[dict], pad_token_id: int, token_budget: int, pad_
         position_ids[r, t:] = 0
     num_captions = sum(len(g.branches) for g in packed)
     return TrainBatch(
-        input_ids=input_ids, targets=targets, attention_mask=PrefixSharing(doc, branch), position_ids=position_ids,
+        input_ids=input_ids, targets=targets, attention_mask=PrefixSharing(doc, branch, pad_to_budget),
+        position_ids=position_ids,
         pixel_values=torch.cat([pixel_values[i] for i in order]), num_captions=num_captions,
         num_tokens=int((targets != IGNORE_INDEX).sum()),
     )
