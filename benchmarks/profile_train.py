@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/profile_train.py --tokenizer .bench/tokenizer --out runs/profile
 
 Times each part on its own (vision tower, LLM forward + backward with and without LoRA / dropout, loss) and
-prints torch.profiler's table of the whole step. A diagnostic for the speed work, not a benchmark of record.
+prints torch.profiler's table of the whole step. Its rows are not padded, so the BlockMask is built eagerly, as
+in training without a compiled model. A diagnostic for the speed work, not a benchmark of record.
 """
 
 from __future__ import annotations

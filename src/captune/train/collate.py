@@ -119,8 +119,8 @@ def split_prefix(encodings: list[dict[str, list[int]]]) -> PackedGroup | None:
 @dataclass
 class PrefixSharing:
     """Per-token ids from which the attention mask is built on the device: `doc` (which group of the row, -1 for
-    padding) and `branch` (0 for a group's shared prefix, k for its k-th caption); `static` when every row has the
-    same length in every micro-batch (padded to the token budget)."""
+    padding) and `branch` (0 for a group's shared prefix, k for its k-th caption); `static` when the rows are padded
+    to the token budget, so that every micro-batch's rows have the same length."""
 
     doc: torch.Tensor  # [B, T]
     branch: torch.Tensor  # [B, T]
@@ -149,9 +149,9 @@ class PrefixSharing:
             return (doc[b, q] == doc[b, k]) & (k <= q) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
 
         b, t = doc.shape
-        # Compiled only for one shape (rows padded to the budget: the compiled model's), once: compiling the builder
-        # takes minutes on torch 2.11 and is redone for new lengths, where the eager one takes ~12 ms a micro-batch of
-        # 16k tokens on an H200 (docs/benchmarks.md).
+        # Compiled only for rows padded to the budget (the compiled model's; one length, so compiled once): on torch
+        # 2.11 compiling the builder for one length took over 4 minutes, and new lengths compile it again; eagerly it
+        # takes ~12 ms for 16k tokens on an H200 (docs/benchmarks.md).
         return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=doc.device,
                                  _compile=doc.is_cuda and self.static)
 
