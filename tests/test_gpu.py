@@ -41,14 +41,10 @@ def test_block_mask_builder_compiled_only_for_padded_rows(tmp_path, monkeypatch)
     from helpers import packed_setup as tp
     from torch.nn.attention import flex_attention
 
-    from captune.data.table import SampleTable
     from captune.train.collate import collate_shared
-    from captune.train.dataset import CaptionDataset, group_samples
 
     samples, processor, _ = tp.build_setup(tmp_path)
-    table = SampleTable.of(samples)
-    groups = group_samples(table, share=True)
-    items = [CaptionDataset(table, groups, processor, 6, 4096)[g] for g in range(len(groups))]
+    items = tp.image_items(samples, processor)
     real, asked = flex_attention.create_block_mask, []
 
     def spy(*args, _compile=False, **kwargs):
@@ -70,9 +66,7 @@ def test_compiled_training_step_equals_eager(tmp_path):
     the compiled path in float32 on the CPU."""
     from helpers import packed_setup as tp
 
-    from captune.data.table import SampleTable
     from captune.train.collate import collate_shared
-    from captune.train.dataset import CaptionDataset, group_samples
     from captune.train.loss import compile_model
 
     samples, processor, peft = tp.build_setup(tmp_path)
@@ -80,9 +74,7 @@ def test_compiled_training_step_equals_eager(tmp_path):
         if not p.requires_grad:
             p.data = p.data.bfloat16()
     peft.cuda()
-    table = SampleTable.of(samples)
-    groups = group_samples(table, share=True)
-    items = [CaptionDataset(table, groups, processor, 6, 4096)[g] for g in range(len(groups))]
+    items = tp.image_items(samples, processor)
     eager_batch = collate_shared(items, processor.pad_token_id, 4096).to(torch.device("cuda"), torch.bfloat16)
     padded = collate_shared(items, processor.pad_token_id, 4096, pad_to_budget=True).to(torch.device("cuda"),
                                                                                          torch.bfloat16)

@@ -8,12 +8,14 @@ from PIL import Image, ImageDraw
 
 import captune
 from captune.data.samples import Sample
+from captune.data.table import SampleTable
 from captune.demo.tinymodel import (
     build_compact_tokenizer,
     tokenizer_corpus,
     write_tiny_model,
 )
 from captune.internvl.lora import add_lora
+from captune.train.dataset import CaptionDataset, group_samples
 from captune.train.loss import CaptionLoss
 
 CAPTIONS = [
@@ -46,6 +48,14 @@ def build_setup(root):
         if "lora_B" in name:
             p.data.normal_(0, 0.05)  # non-zero, so that the A matrices get gradients too
     return samples, processor, peft
+
+
+def image_items(samples, processor) -> list[dict]:
+    """One training item per image (its captions sharing the prompt), as the training dataset makes them."""
+    table = SampleTable.of(samples)
+    groups = group_samples(table, share=True)
+    dataset = CaptionDataset(table, groups, processor, 6, 4096)
+    return [dataset[g] for g in range(len(groups))]
 
 
 def loss_and_grads(peft, batch):

@@ -18,11 +18,6 @@ from captune.internvl.tokenizer import image_token_ids, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok_dir(fixtures):
-    return fixtures / "tokenizer_internvl2"
-
-
-@pytest.fixture(scope="module")
 def tok(tok_dir):
     return load_tokenizer(tok_dir)
 

@@ -9,11 +9,6 @@ import pytest
 from captune.internvl.tokenizer import load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok_dir(fixtures):
-    return fixtures / "tokenizer_internvl2"
-
-
 def _malloc_in_use() -> int:
     """Bytes in use in the C allocator (glibc), where the Rust tokenizer keeps its cache."""
     import ctypes

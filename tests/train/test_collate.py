@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.packed_setup import build_setup, loss_and_grads, rel
+from helpers.packed_setup import build_setup, image_items, loss_and_grads, rel
 
 from captune.data.table import SampleTable
 from captune.train.collate import PrefixSharing, collate_separate, collate_shared
@@ -88,9 +88,7 @@ def test_only_rows_padded_to_the_budget_have_one_shape(setup):
     """Rows padded to the token budget (the compiled model's) are marked static, on the way to the device too: only
     for them is the block mask builder compiled (once), since compiling it takes minutes for every new length."""
     samples, processor, _ = setup
-    table = SampleTable.of(samples)
-    groups = group_samples(table, share=True)
-    items = [CaptionDataset(table, groups, processor, 6, 4096)[g] for g in range(len(groups))]
+    items = image_items(samples, processor)
     padded = collate_shared(items, processor.pad_token_id, 4096, pad_to_budget=True)
     unpadded = collate_shared(items, processor.pad_token_id, 4096)
     assert padded.input_ids.shape[1] == 4096 and unpadded.input_ids.shape[1] < 4096

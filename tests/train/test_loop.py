@@ -301,19 +301,14 @@ def test_gradient_checkpointing_gives_the_same_gradients_without_a_vision_backwa
     backward (transformers' input hooks would, even after checkpointing is turned off again)."""
     from helpers import packed_setup as tp
 
-    from captune.data.table import SampleTable
     from captune.train.collate import collate_shared
-    from captune.train.dataset import CaptionDataset, group_samples
     from captune.train.loss import enable_gradient_checkpointing
 
     samples, processor, peft = tp.build_setup(tmp_path)
     for name, p in peft.named_parameters():
         if "vision_tower" in name:
             p.requires_grad_(False)  # the recipe: LoRA on the LLM only
-    table = SampleTable.of(samples)
-    groups = group_samples(table, share=True)
-    batch = collate_shared([CaptionDataset(table, groups, processor, 6, 4096)[g] for g in range(len(groups))],
-                           processor.pad_token_id, 4096)
+    batch = collate_shared(tp.image_items(samples, processor), processor.pad_token_id, 4096)
     net = peft.base_model.model
     vision_grad = []
     net.model.vision_tower.register_forward_hook(lambda m, i, out: vision_grad.append(out.last_hidden_state.requires_grad))
