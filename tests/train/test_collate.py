@@ -7,6 +7,7 @@ import torch
 from helpers.packed_setup import build_setup, image_items, loss_and_grads, rel
 
 from captune.data.table import SampleTable
+from captune.inputs.tiling import normalize
 from captune.train.collate import PrefixSharing, collate_separate, collate_shared
 from captune.train.dataset import CaptionDataset, group_samples, should_share
 from captune.train.loss import CaptionLoss
@@ -71,11 +72,12 @@ def test_flex_block_mask_forward_equals_dense(setup):
     batch = collate_shared([dataset[g] for g in range(len(groups))], processor.pad_token_id, 10_000)
     net = CaptionLoss(peft).net
     with torch.no_grad():
-        dense = net.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, position_ids=batch.position_ids,
+        dense = net.model(input_ids=batch.input_ids, pixel_values=normalize(batch.pixel_values),
+                          position_ids=batch.position_ids,
                           attention_mask=batch.attention_mask.dense()).last_hidden_state
         net.model.language_model.set_attn_implementation("flex_attention")
         try:
-            flex = net.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+            flex = net.model(input_ids=batch.input_ids, pixel_values=normalize(batch.pixel_values),
                              position_ids=batch.position_ids,
                              attention_mask=batch.attention_mask.block_mask()).last_hidden_state
         finally:
@@ -102,3 +104,17 @@ def test_auto_shares_only_repeated_images(setup):
     assert should_share(table, "auto")
     assert not should_share(one, "auto")
     assert should_share(one, "on") and not should_share(table, "off")
+
+
+def test_tiles_travel_as_uint8_and_arrive_as_the_processor_tiles_them(setup):
+    """Workers hand over uint8 tiles (a quarter of the bytes); `TrainBatch.to` normalizes them into exactly the
+    processor's pixel values, in the training dtype."""
+    samples, processor, _ = setup
+    table = SampleTable.of(samples)
+    groups = group_samples(table, share=True)
+    dataset = CaptionDataset(table, groups, processor, 6, 4096)
+    batch = collate_shared([dataset[g] for g in range(len(groups))], processor.pad_token_id, 10_000)
+    assert batch.pixel_values.dtype == torch.uint8
+    expected = torch.cat([processor.tile(table.image(groups[g][0]), 6) for g in range(len(groups))])
+    assert torch.equal(batch.to(torch.device("cpu"), torch.float32).pixel_values, expected)
+    assert torch.equal(batch.to(torch.device("cpu"), torch.bfloat16).pixel_values, expected.to(torch.bfloat16))

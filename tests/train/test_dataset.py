@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers.packed_setup import build_setup
 
+from captune.train import dataset as dataset_module
 from captune.data.table import SampleTable
 from captune.train.collate import Collate
 from captune.train.dataset import (
@@ -88,3 +89,15 @@ def test_helper_thread_is_made_in_each_process():
     assert run(_where) == (os.getpid(), False)
     with pytest.raises(ZeroDivisionError):  # errors reach the caller
         run(lambda: 1 / 0)
+
+
+def test_trainer_and_workers_give_free_heap_back_every_release_every_micro_batches(setup, monkeypatch, tmp_path):
+    calls = tmp_path / "calls"
+    monkeypatch.setattr(dataset_module, "RELEASE_EVERY", 2)
+    # the workers are forks: they inherit the patch, and report through the file
+    monkeypatch.setattr(dataset_module, "_release_free_heap", lambda: calls.open("a").write(f"{os.getpid()}\n"))
+    _batches(setup, 2)  # 4 micro-batches drawn; each worker collates 2
+    pids = calls.read_text().split()
+    here = str(os.getpid())
+    assert pids.count(here) == 1 + 2  # before the fork, then after micro-batches 2 and 4
+    assert sorted(pids.count(p) for p in set(pids) - {here}) == [1, 1]

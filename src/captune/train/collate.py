@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from captune.inputs.templates import IGNORE_INDEX, supervised_span
+from captune.inputs.tiling import normalize
 
 
 @dataclass
@@ -32,7 +33,7 @@ class TrainBatch:
     targets: torch.Tensor  # [B, T]: the id predicted at each position (labels shifted left), -100 = no loss
     attention_mask: Any  # [B, T] padding mask, or a [B, 1, T, T] / BlockMask mask for shared prefixes
     position_ids: torch.Tensor  # [B, T]
-    pixel_values: torch.Tensor  # [tiles, 3, S, S]
+    pixel_values: torch.Tensor  # [tiles, 3, S, S] uint8 as tiled (normalized by `to`), or already normalized
     num_captions: int
     num_tokens: int  # supervised positions
 
@@ -46,7 +47,9 @@ class TrainBatch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
+            if f.name == "pixel_values":  # uint8 from the workers: a quarter of the bytes to share and to copy
+                v = normalize(v.to(device, non_blocking=True)).to(dtype)
+            elif isinstance(v, torch.Tensor):
                 v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
             elif hasattr(v, "to") and not isinstance(v, int):
                 v = v.to(device)

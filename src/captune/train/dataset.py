@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import gc
 import os
 import sys
@@ -31,6 +30,10 @@ from captune.inputs.tiling import blank_image, load_image
 
 # What the image check found, kept in the run folder so that a resume does not open every image again.
 IMAGE_CACHE = "image_check.json"
+# How often (in micro-batches) the trainer and its data-loader workers give free C heap pages back (`iter_batches`).
+# On the tutorial-sized synthetic set the process tree grew by 10.6-13.2% over an epoch without, 8.4-10.0% with
+# (docs/benchmarks.md, eleventh session); a call costs ~0.1 ms.
+RELEASE_EVERY = 100
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class CaptionDataset(Dataset):
 
     def _item(self, g: int, image) -> dict:
         members = self.groups[g]
-        pixel_values = self.processor.tile(image, self.max_tiles)  # [tiles, 3, S, S]
+        pixel_values = self.processor.tile_uint8(image, self.max_tiles)  # [tiles, 3, S, S], normalized on the device
         n_image_tokens = pixel_values.shape[0] * self.processor.tokens_per_tile
         path = self.table.image(members[0])
         try:
@@ -129,11 +132,15 @@ class CaptionDataset(Dataset):
 def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collate, num_workers: int,
                  pin_memory: bool):
     """The collated micro-batches, in order, loaded by `num_workers` forked worker processes, which leave Ctrl-C to
-    the main process (the training loop stops in order; a worker's KeyboardInterrupt would print a traceback)."""
+    the main process (the training loop stops in order; a worker's KeyboardInterrupt would print a traceback).
+
+    With workers, this process and each worker give the free pages of their C heaps back every `RELEASE_EVERY`
+    micro-batches: the workers share this process's heap, and pages either side touches and frees again would
+    otherwise stay resident (a page copied on write once is private for good)."""
     forked = {}
     if num_workers > 0:
         run = InHelperThread()
-        dataset, collate = _ItemsIn(run, dataset), functools.partial(run, collate)
+        dataset, collate = _ItemsIn(run, dataset), _CollatedIn(run, collate)
         # Forked, wherever fork is the safe default (Linux): what follows relies on the workers sharing this
         # process's memory, and a pickled tokenizer would lose its bounded cache (Python 3.14 defaults to forkserver).
         forked = {"prefetch_factor": 4, "worker_init_fn": ignore_interrupts_in_worker,
@@ -146,6 +153,7 @@ def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collat
     gc.freeze()
     if num_workers > 0:
         _release_free_heap()
+        return _Releasing(iter(loader))
     return iter(loader)
 
 
@@ -153,7 +161,7 @@ class InHelperThread:
     """Calls a function in one helper thread of the calling process, made on first use (in a data-loader worker:
     after the fork).
 
-    A forked worker's main thread allocates from the C heap it inherited from the trainer, whose free holes (~120 MB
+    A forked worker's main thread allocates from the C heap it inherited from the trainer, whose free holes (~90-120 MB
     after loading the tokenizer and the data) it would fill a page at a time, each page copied on write. glibc serves
     any other thread from another arena (a new one, or one a trainer thread left, trimmed before the fork): on a 10%
     subset of the tutorial's data the growth of the process tree over an epoch went from +10% to +4% with it
@@ -166,6 +174,37 @@ class InHelperThread:
         if self._pid != os.getpid():
             self._pool, self._pid = ThreadPoolExecutor(1, thread_name_prefix="captune-data"), os.getpid()
         return self._pool.submit(fn, *args).result()
+
+
+class _Releasing:
+    """`batches`, giving this process's free heap pages back every `RELEASE_EVERY` micro-batches drawn."""
+
+    def __init__(self, batches):
+        self.batches, self.drawn = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.drawn += 1
+        if self.drawn % RELEASE_EVERY == 0:
+            _release_free_heap()
+        return batch
+
+
+class _CollatedIn:
+    """`collate` called by `run`, in a worker, which gives its free heap pages back every `RELEASE_EVERY` calls."""
+
+    def __init__(self, run: InHelperThread, collate):
+        self.run, self.collate, self.calls = run, collate, 0
+
+    def __call__(self, items: list[dict]):
+        batch = self.run(self.collate, items)
+        self.calls += 1
+        if self.calls % RELEASE_EVERY == 0:
+            _release_free_heap()
+        return batch
 
 
 class _ItemsIn(Dataset):
@@ -185,9 +224,9 @@ class _ItemsIn(Dataset):
 
 
 def _release_free_heap() -> None:
-    """Give the free pages of this process's C heap back to the system before the workers fork: loading the
-    tokenizer and the data leaves ~100 MB of them, mapped by every worker (glibc only; Python does not expose
-    `malloc_trim`)."""
+    """Give the free pages of this process's C heap back to the system (glibc only; Python does not expose
+    `malloc_trim`): before the workers fork, the ~90-120 MB that loading the tokenizer and the data leaves, mapped by
+    every worker; through the epoch, the pages that the trainer or a worker touched and freed again."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

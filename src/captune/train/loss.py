@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from captune.inputs.templates import IGNORE_INDEX
+from captune.inputs.tiling import normalize
 from captune.train import config as cfg
 from captune.train.collate import PrefixSharing
 
@@ -48,6 +49,7 @@ class CaptionLoss(nn.Module):
 
     Returns the summed cross-entropy of the batch's supervised positions. With `full_logits=False` only those
     positions go through the LM head, in chunks: full-vocabulary logits for ~1,800 image tokens are never made.
+    `pixel_values` may be uint8 tiles as the data loader gives them (normalized here) or normalized floats.
     """
 
     def __init__(self, model: nn.Module, full_logits: bool = False, chunk: int = 1024):
@@ -67,7 +69,8 @@ class CaptionLoss(nn.Module):
             flex = net.config.text_config._attn_implementation == "flex_attention"
             attention_mask = attention_mask.block_mask() if flex else attention_mask.dense()
         hidden = net.model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids, pixel_values=normalize(pixel_values), attention_mask=attention_mask,
+            position_ids=position_ids
         ).last_hidden_state  # [B, T, D]
         if self.full_logits:
             logits = net.lm_head(hidden).float()  # [B, T, V]
