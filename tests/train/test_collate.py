@@ -110,11 +110,9 @@ def test_tiles_travel_as_uint8_and_arrive_as_the_processor_tiles_them(setup):
     """Workers hand over uint8 tiles (a quarter of the bytes); `TrainBatch.to` normalizes them into exactly the
     processor's pixel values, in the training dtype."""
     samples, processor, _ = setup
-    table = SampleTable.of(samples)
-    groups = group_samples(table, share=True)
-    dataset = CaptionDataset(table, groups, processor, 6, 4096)
-    batch = collate_shared([dataset[g] for g in range(len(groups))], processor.pad_token_id, 10_000)
+    items = image_items(samples, processor)
+    batch = collate_shared(items, processor.pad_token_id, 10_000)
     assert batch.pixel_values.dtype == torch.uint8
-    expected = torch.cat([processor.tile(table.image(groups[g][0]), 6) for g in range(len(groups))])
+    expected = torch.cat([processor.tile(item["image"], 6) for item in items])
     assert torch.equal(batch.to(torch.device("cpu"), torch.float32).pixel_values, expected)
     assert torch.equal(batch.to(torch.device("cpu"), torch.bfloat16).pixel_values, expected.to(torch.bfloat16))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers.packed_setup import build_setup
 
-from captune.train import dataset as dataset_module
 from captune.data.table import SampleTable
+from captune.train import dataset as dataset_module
 from captune.train.collate import Collate
 from captune.train.dataset import (
     CaptionDataset,

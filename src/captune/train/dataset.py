@@ -176,20 +176,30 @@ class InHelperThread:
         return self._pool.submit(fn, *args).result()
 
 
+class _HeapRelease:
+    """Counts micro-batches and gives this process's free heap pages back at every `RELEASE_EVERY`-th."""
+
+    def __init__(self):
+        self.count = 0
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.count % RELEASE_EVERY == 0:
+            _release_free_heap()
+
+
 class _Releasing:
     """`batches`, giving this process's free heap pages back every `RELEASE_EVERY` micro-batches drawn."""
 
     def __init__(self, batches):
-        self.batches, self.drawn = batches, 0
+        self.batches, self.release = batches, _HeapRelease()
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batch = next(self.batches)
-        self.drawn += 1
-        if self.drawn % RELEASE_EVERY == 0:
-            _release_free_heap()
+        self.release.tick()
         return batch
 
 
@@ -197,13 +207,11 @@ class _CollatedIn:
     """`collate` called by `run`, in a worker, which gives its free heap pages back every `RELEASE_EVERY` calls."""
 
     def __init__(self, run: InHelperThread, collate):
-        self.run, self.collate, self.calls = run, collate, 0
+        self.run, self.collate, self.release = run, collate, _HeapRelease()
 
     def __call__(self, items: list[dict]):
         batch = self.run(self.collate, items)
-        self.calls += 1
-        if self.calls % RELEASE_EVERY == 0:
-            _release_free_heap()
+        self.release.tick()
         return batch
 
 
