@@ -91,7 +91,7 @@ def main() -> None:
     first_step = len(schedule.plan(0)[0])  # micro-batches of the first optimizer step
     dataset = CaptionDataset(data.table, data.groups, processor, config.max_tiles, config.max_seq_length)
     collate = Collate(processor.pad_token_id, data.shared, config.token_budget, static=False)
-    batches = iter_batches(dataset, micro, collate, args.num_workers, pin_memory=False)
+    batches = iter_batches(dataset, micro, collate, args.num_workers)
     samples, rows, over = [], 0, 0
     t0 = time.perf_counter()
     for i in tqdm(range(len(micro)), desc="one epoch", unit="micro-batch"):

@@ -41,7 +41,7 @@ def _batches(setup, num_workers: int) -> list:
         return collate(items), threading.current_thread().name
 
     try:
-        batches = iter_batches(dataset, MICRO_BATCHES, collate_where, num_workers, pin_memory=False)
+        batches = iter_batches(dataset, MICRO_BATCHES, collate_where, num_workers)
         return list(itertools.islice(batches, len(MICRO_BATCHES)))
     finally:
         gc.unfreeze()  # iter_batches freezes the objects it forks with; `train` unfreezes them at its end

@@ -129,14 +129,17 @@ class CaptionDataset(Dataset):
         return {"pixel_values": pixel_values, "encodings": encodings, "index": g, "image": str(path)}
 
 
-def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collate, num_workers: int,
-                 pin_memory: bool):
+def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collate, num_workers: int):
     """The collated micro-batches, in order, loaded by `num_workers` forked worker processes, which leave Ctrl-C to
     the main process (the training loop stops in order; a worker's KeyboardInterrupt would print a traceback).
 
     With workers, this process and each worker give the free pages of their C heaps back every `RELEASE_EVERY`
     micro-batches: the workers share this process's heap, and pages either side touches and frees again would
-    otherwise stay resident (a page copied on write once is private for good)."""
+    otherwise stay resident (a page copied on write once is private for good).
+
+    The batches are not pinned: on an H200 a pinned epoch (`benchmarks/train_memory.py`) held 0.34 GB more host memory
+    and ran 8% slower, its pinning thread copying every batch in this process; a 2B micro-batch's uint8 tiles (30 MB)
+    take ~3 ms to copy unpinned, against an estimated ~0.5 s of forward and backward (docs/benchmarks.md)."""
     forked = {}
     if num_workers > 0:
         run = InHelperThread()
@@ -146,7 +149,7 @@ def iter_batches(dataset: CaptionDataset, micro_batches: list[list[int]], collat
         forked = {"prefetch_factor": 4, "worker_init_fn": ignore_interrupts_in_worker,
                   "multiprocessing_context": "fork" if sys.platform == "linux" else None}
     loader = DataLoader(dataset, batch_sampler=micro_batches, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=pin_memory, **forked)
+                        **forked)
     # The workers are forks of this process: objects that exist now are left alone by the garbage collector from
     # here on (`train` unfreezes them at the end), so it does not touch, and so copy, their memory in every worker.
     gc.collect()

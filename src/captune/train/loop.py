@@ -251,8 +251,7 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
 
     dataset = CaptionDataset(data.table, data.groups, processor, config.max_tiles, config.max_seq_length)
     collate = Collate(processor.pad_token_id, shared, config.token_budget, static=compiled)
-    run.batches = iter_batches(dataset, list(schedule.for_rank(ctx.rank, start_step)), collate, config.num_workers,
-                               pin_memory=ctx.device.type == "cuda")
+    run.batches = iter_batches(dataset, list(schedule.for_rank(ctx.rank, start_step)), collate, config.num_workers)
     start.commit(plan, config, ctx, start_step, log)
     run.training, run.step = True, start_step
     log.close()
