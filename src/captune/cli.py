@@ -206,8 +206,9 @@ def evaluate(model: str, data: str | None = None, test_json: str | None = None, 
         spice: also SPICE (downloads Stanford CoreNLP on first use)
         num_workers: image decoding workers (default min(8, CPUs))
         force: discard captions already in --out and start again
-        gpus_per_model: spread each model over K GPUs (auto: the fewest that hold it); under torchrun each process
-            takes K consecutive GPUs, so --nproc-per-node x K GPUs in all
+        gpus_per_model: spread each model over K GPUs (auto: the fewest that hold it among those dividing each
+            process's share of the GPUs, as captune plan lays them out); under torchrun each process takes K
+            consecutive GPUs, so --nproc-per-node x K GPUs in all
         compile: torch.compile the prompt's repeated blocks (10-20 s once, ~17% faster; auto: on a GPU, >= 4,000 images)
     """
     from captune.eval.evaluate import evaluate as run

@@ -61,6 +61,9 @@ REFUSALS = [
     ("GPUs in use", "InternVL2-40B", dict(count=2, free=[30.0, 30.0]), [],
      "InternVL2-40B needs 5 GPUs of 80 GB (22 GB usable now) per model at batch 8 (75 GB of weights in bfloat16); "
      "2 GPUs are visible"),
+    ("K not dividing the GPUs", "InternVL2-Llama3-76B", dict(count=8), ["--gpus-per-model", "3"],
+     "--gpus-per-model 3 does not divide the GPUs: 8 GPUs are visible, so 2 would hold no model; use one of 1, 2, 4, "
+     "8 (or CUDA_VISIBLE_DEVICES)"),
     ("more GPUs than layers", "InternVL2-1B", dict(count=32), ["--gpus-per-model", "32"],
      "a model of 24 LLM layers can be spread over 1 to 24 GPUs, not 32"),
 ]
@@ -117,8 +120,11 @@ def ids(gpus: L.ModelGPUs) -> list[int]:
     ("InternVL2-26B", dict(count=8, total=141.0), {}, [0], 64),  # an H200 holds batch 64
     ("InternVL2-40B", dict(count=8), {}, [0, 1], 32),
     ("InternVL2-40B", dict(count=8, total=141.0), {}, [0], 32),
-    ("InternVL2-Llama3-76B", dict(count=8), {}, [0, 1, 2], 32),
-    ("InternVL2-Llama3-76B", dict(count=8), {"batch_size": 64}, [0, 1, 2, 3, 4], 64),
+    # the fewest that fit among those that divide the GPUs: 3 would fit, 4 leave no GPU idle under torchrun
+    ("InternVL2-Llama3-76B", dict(count=8), {}, [0, 1, 2, 3], 32),
+    ("InternVL2-Llama3-76B", dict(count=8, procs=2, rank=1), {}, [4, 5, 6, 7], 32),
+    ("InternVL2-Llama3-76B", dict(count=6), {}, [0, 1, 2], 32),
+    ("InternVL2-Llama3-76B", dict(count=8), {"batch_size": 64}, [0, 1, 2, 3, 4, 5, 6, 7], 64),  # 5 fit
     ("InternVL2-40B", dict(count=8, procs=4, rank=3), {}, [6, 7], 32),  # torchrun: rank r takes 2r, 2r+1
     ("InternVL2-40B", dict(count=8), {"device": "cuda:4"}, [4, 5], 32),
     ("InternVL2-8B", dict(count=8), {"gpus_per_model": 4}, [0, 1, 2, 3], 64),  # asked for, though one would do
@@ -166,3 +172,24 @@ def test_gpus_left_idle_under_torchrun_are_said(monkeypatch):
     with pytest.warns(UserWarning, match=r"2 processes x 2 GPUs per model use 4 of the 8 GPUs visible; torchrun "
                                          r"--nproc-per-node 4 would use 8"):
         L.assign_gpus(RELEASES / "InternVL2-40B")
+
+
+@pytest.mark.parametrize("model", sorted(p.name for p in RELEASES.iterdir()))
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_auto_takes_what_captune_plan_lays_out(model, gpus, monkeypatch, capsys):
+    """`captune eval` under `torchrun --nproc-per-node R` (R: the plan's replicas) puts each model on the plan's
+    number of GPUs, and says nothing of idle GPUs."""
+    import warnings
+
+    from captune.internvl.plan import plan
+
+    planned = plan(RELEASES / model, gpus=gpus)["eval"]
+    capsys.readouterr()
+    if not planned["fits"]:
+        assert gpus == 1
+        return
+    fake_gpus(monkeypatch, gpus, procs=planned["replicas"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chosen = L.assign_gpus(RELEASES / model)
+    assert chosen.placement.gpus == planned["gpus_per_model"]

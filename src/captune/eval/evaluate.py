@@ -136,9 +136,9 @@ def evaluate(
 
     Everything the run needs (the GPUs for the model, the test set and its ground truth, the model and its
     tokenizer, OUT) is checked before OUT is created and the first image captioned: a failed start writes nothing.
-    `gpus_per_model` K spreads each model over K GPUs ("auto": the fewest that fit, `internvl.placement`); under
-    torchrun each process takes K consecutive GPUs and the processes share the images. `compile`: see
-    `eval.generate.compile_choice`.
+    `gpus_per_model` K spreads each model over K GPUs ("auto": the fewest that fit and divide the process's share of
+    the GPUs, `internvl.placement.assign_gpus`); under torchrun each process takes K consecutive GPUs and the
+    processes share the images. `compile`: see `eval.generate.compile_choice`.
     """
     from captune.devices import resolve_dtype, short_dtype_name
     from captune.eval.generate import compile_choice

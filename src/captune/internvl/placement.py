@@ -223,11 +223,13 @@ def assign_gpus(model: str | Path, gpus_per_model: int | str = "auto", device: s
                 processes: int | None = None) -> ModelGPUs:
     """This process's GPUs for `model` (a checkpoint or adapter folder; only config.json is read) and the batch.
 
-    `gpus_per_model` K (or "auto": the fewest that fit, from the config and the GPUs' memory); under torchrun
-    (`processes`, default LOCAL_WORLD_SIZE) local rank r takes GPUs r*K ... r*K+K-1 (from `device`'s index). The batch
-    is `batch_size`, else the largest of `plan.EVAL_BATCHES` up to `default_batch` that fits (at least 8: `auto`
-    plans for 8). Refused with one CaptuneError, before anything loads: K more than the GPUs visible, processes x K
-    more than the GPUs visible, a model that does not fit (saying what would). On the CPU: K must be auto or 1.
+    `gpus_per_model` K, or "auto": the fewest that fit (from the config and the GPUs' memory) among those that divide
+    this process's share of the GPUs (visible / processes), so that the models tile the GPUs as `captune plan` lays
+    them out (InternVL2-76B on 8 x 80 GB: 4 per model, two processes). Under torchrun (`processes`, default
+    LOCAL_WORLD_SIZE) local rank r takes GPUs r*K ... r*K+K-1 (from `device`'s index). The batch is `batch_size`, else
+    the largest of `plan.EVAL_BATCHES` up to `default_batch` that fits (at least 8: `auto` plans for 8). Refused with
+    one CaptuneError, before anything loads: K more than the GPUs visible, processes x K more than the GPUs visible, K
+    not dividing the GPUs visible, a model that does not fit (saying what would). On the CPU: K must be auto or 1.
     """
     asked = parse_gpus_per_model(gpus_per_model)
     dev = resolve_device(device)
@@ -245,6 +247,10 @@ def assign_gpus(model: str | Path, gpus_per_model: int | str = "auto", device: s
     if asked is not None and procs * asked > visible:
         raise CaptuneError(f"--gpus-per-model {asked} for each of {procs} processes (torchrun --nproc-per-node "
                            f"{procs}) needs {procs * asked} GPUs; {where}: use --nproc-per-node {visible // asked}")
+    if asked is not None and visible % asked:
+        fit = ", ".join(str(k) for k in range(1, visible + 1) if visible % k == 0)
+        raise CaptuneError(f"--gpus-per-model {asked} does not divide the GPUs: {where}, so {visible % asked} would "
+                           f"hold no model; use one of {fit} (or CUDA_VISIBLE_DEVICES)")
     s = P.model_shape(P.read_config(model_folder(model)))
     torch_dtype = resolve_dtype(dtype, dev)
     width, floor = torch_dtype.itemsize, batch_size or min(MIN_BATCH, default_batch)
@@ -263,7 +269,8 @@ def assign_gpus(model: str | Path, gpus_per_model: int | str = "auto", device: s
                 memory[i, read_free] = (total, usable_gb(total, left))
         return [memory[i, read_free][1] for i in gpus]
 
-    fitting = (p for k in ([asked] if asked else range(1, min(visible // procs, s.layers) + 1))
+    share = visible // procs
+    fitting = (p for k in ([asked] if asked else [k for k in range(1, min(share, s.layers) + 1) if share % k == 0])
                if (p := place(s, capacities(k, free), floor, width)).fits)
     chosen = next(fitting, None)
     if chosen is None:
@@ -277,7 +284,7 @@ def assign_gpus(model: str | Path, gpus_per_model: int | str = "auto", device: s
             raise CaptuneError(f"{model_name(s)} over {gpus} (local rank {rank}) needs {_gb(chosen.memory_gb)} GB "
                                f"per GPU at batch {floor}; free now: {_gb(chosen.capacity_gb)} GB (other processes?)")
     chosen = next(p for b in batches if (p := place(s, list(chosen.capacity_gb), b, width)).fits)
-    if procs > 1 and procs * k < visible and os.environ.get("RANK", "0") == "0":
+    if procs > 1 and visible // k > procs and os.environ.get("RANK", "0") == "0":
         warnings.warn(f"{procs} processes x {k} GPU{'s' if k > 1 else ''} per model use {procs * k} of the {visible} GPUs visible; "
                       f"torchrun --nproc-per-node {visible // k} would use {visible // k * k}", stacklevel=2)
     devices = [torch.device("cuda", first + rank * k + i) for i in range(k)]
