@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.adapters import make_adapter
 from helpers.tiny import (
     IMAGE_TOKEN_ID,
     all_tensors,
@@ -25,7 +26,6 @@ from safetensors.torch import load_file, save_file
 
 import captune
 from captune.errors import CaptuneError
-from captune.internvl.lora import add_lora
 from captune.merge.merge import merge, merge_command, verify_merge_command
 from captune.merge.verify import verify_merge
 
@@ -38,31 +38,6 @@ def without_dtype(cfg):
     if isinstance(cfg, dict):
         return {k: without_dtype(v) for k, v in cfg.items() if k != "torch_dtype"}
     return cfg
-
-
-def make_adapter(base: Path, folder: Path, image_token_id: int | None = None, rslora: bool = False,
-                 projector: bool = True, rank: int = 4, b_scale: float = 0.1, seed: int | None = None) -> Path:
-    """An adapter as `captune train` saves it, with random (non-zero) B matrices so that merging changes things.
-
-    With `seed`, A is drawn from it too (N(0, 1/in_features)), for an adapter that is the same on every run."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, _ = captune.load(base, dtype="fp32", image_token_id=image_token_id)
-    peft = add_lora(model, rank=rank, alpha=2 * rank, dropout=0.0, vision=True, train_projector=projector)
-    g = torch.Generator().manual_seed(0 if seed is None else seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(b_scale * torch.randn(p.shape, generator=g))
-            elif "lora_A" in name and seed is not None:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-            elif "modules_to_save" in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    config = peft.peft_config["default"]
-    config.base_model_name_or_path = str(Path(base).resolve())
-    config.use_rslora = rslora
-    peft.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -101,16 +101,17 @@ def load_original(ckpt: Checkpoint, dtype, device, attn_implementation, image_to
     return model
 
 
-def stream_weights(model: nn.Module, ckpt: Checkpoint, dtype, device_of: Callable[[str], torch.device]) -> None:
+def stream_weights(model: nn.Module, ckpt: Checkpoint, dtype, device_of: Callable[[str], torch.device],
+                   keep: Callable[[str], bool] | None = None) -> None:
     """Fill a meta-device model tensor by tensor, each straight onto `device_of(its name)` in `dtype`, then tie the
-    head if the checkpoint has none and rebuild the derived buffers there."""
+    head if the checkpoint has none and rebuild the derived buffers there (`keep`: see `fill_weights`)."""
 
     def assign(name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
         module_name, _, attr = name.rpartition(".")
         value = tensor.to(device=device_of(name), dtype=dtype)
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=param.requires_grad)
 
-    fill_weights(model, ckpt, assign)
+    fill_weights(model, ckpt, assign, keep)
     if not lm_head_in(ckpt):
         model.tie_weights()
     rebuild_buffers(model, device_of, only_meta=True)
@@ -164,10 +165,12 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, torch.device]) -
         raise CaptuneError(f"device map places no module holding {', '.join(unplaced[:5])}")
 
 
-def empty_model(ckpt: Checkpoint, attn_implementation: str = "sdpa", image_token_id: int | None = None):
+def empty_model(ckpt: Checkpoint, attn_implementation: str = "sdpa", image_token_id: int | None = None,
+                text_layers: int | None = None):
     """The native model of a checkpoint folder (either layout) on the meta device: shapes, no memory.
 
-    FSDP shards this before any weight exists, then `fill_weights` loads each rank's part.
+    FSDP shards this before any weight exists, then `fill_weights` loads each rank's part. `text_layers`: only the
+    LLM's first layers (a depth-reduced model, every width real: the merge check of a model larger than memory).
     """
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
@@ -178,6 +181,11 @@ def empty_model(ckpt: Checkpoint, attn_implementation: str = "sdpa", image_token
         config = InternVLConfig.from_pretrained(ckpt.path)
         if image_token_id is not None:
             config.image_token_id = image_token_id
+    if text_layers is not None:
+        text = config.text_config
+        text.num_hidden_layers = text_layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:text_layers]
     with torch.device("meta"):
         model = InternVLForConditionalGeneration(config)
     model.set_attn_implementation(attn_implementation)
@@ -188,10 +196,11 @@ def empty_model(ckpt: Checkpoint, attn_implementation: str = "sdpa", image_token
 _WRAPPER_SEGMENTS = re.compile(r"^base_model\.model\.|\.base_layer(?=\.)|\.original_module(?=\.)|\.modules_to_save\.[^.]+(?=\.)")
 
 
-def fill_weights(model: nn.Module, ckpt: Checkpoint, put) -> None:
+def fill_weights(model: nn.Module, ckpt: Checkpoint, put, keep: Callable[[str], bool] | None = None) -> None:
     """Stream a checkpoint's tensors, in native names, into the parameters of `model` (plain or PEFT-wrapped).
 
-    `put(name, param, tensor)` places one full tensor; every name, shape and missing weight is checked.
+    `put(name, param, tensor)` places one full tensor; every name, shape and missing weight is checked. `keep(name)`
+    False passes a tensor over on purpose (the layers a depth-reduced model leaves out).
     """
     from captune.internvl.keys import iter_model_tensors
 
@@ -207,6 +216,8 @@ def fill_weights(model: nn.Module, ckpt: Checkpoint, put) -> None:
     loaded: set[str] = set()
     for shard in ckpt.shards:
         for key, tensor in iter_model_tensors(ckpt, shard, keymap):
+            if keep is not None and not keep(key):
+                continue
             places = targets.get(key)
             if places is None:
                 if key == "lm_head.weight" and tied:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +164,20 @@ def _parse_weights(adapter: Adapter, state: dict[str, torch.Tensor]) -> None:
         adapter.lora[weight] = (pair["A"], pair["B"])
     if not adapter.lora and not adapter.replaced:
         raise CaptuneError("the adapter has no weights", adapter.path)
+
+
+def adapter_subset(adapter: Adapter, keep: Callable[[str], bool], folder: Path) -> Adapter:
+    """The part of `adapter` that changes the weights `keep` names; also written to `folder` as a PEFT adapter of its
+    own, for PEFT to apply to a depth-reduced model (which lacks the other layers)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in _load_adapter_weights(adapter.path).items()
+             if keep(k.removeprefix(_PEFT_PREFIX))}
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(adapter.path / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
+    save_file(state, folder / ADAPTER_WEIGHTS)
+    return Adapter(adapter.path, adapter.config, {k: v for k, v in adapter.lora.items() if keep(k)},
+                   {k: v for k, v in adapter.replaced.items() if keep(k)})
 
 
 def open_base(adapter: Adapter, base: str | Path | None = None) -> Checkpoint:

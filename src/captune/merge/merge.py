@@ -23,7 +23,9 @@ check is exact, so that it tells a wrong merge from the rounding every bf16 merg
 2. every weight written must be that float32 merge rounded to the output dtype, bit for bit, read back through the
    output's own layout (names, fused q/k/v): this catches what the writer gets wrong, however small;
 3. the output folder, loaded afresh, must compute what those rounded weights compute in memory (its config).
-What rounding to bf16 (fp16) then changes in the logits is reported, as information, beside what one rounding to
+A model whose float32 copy does not fit the check's device (InternVL2-76B: 305 GB) is checked without ever being
+held whole: 1 and 3 on a depth-reduced model (the vision tower, the projector and the LLM's first 2 layers), 2 for
+every weight, shard by shard. What rounding to bf16 (fp16) then changes in the logits is reported, as information, beside what one rounding to
 that dtype changes in the base model's logits: rounding is not an error, and `--dtype fp32` avoids it. Adapters
 with features this merge does not implement (DoRA, LoRA biases, trained modules other than the projector, ...) are
 refused rather than merged wrongly.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import math
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,13 +28,20 @@ from captune.internvl.lora import (
 )
 from captune.merge.adapter import (
     Adapter,
+    adapter_subset,
     base_tokenizer,
     open_base,
     original_config,
     read_adapter,
 )
+from captune.merge.depth import check_depth, first_layers
+from captune.merge.weights import (
+    CHECK_DTYPE,
+    compare_streamed,
+    compare_weights,
+    dtype_step,
+)
 
-CHECK_DTYPE = torch.float32
 PROBE_POSITIONS = 32
 TOLERANCE = 1e-5
 NOISE_MARGIN = 10.0
@@ -89,11 +97,21 @@ def make_probe(ckpt: Checkpoint, tokenizer) -> Probe:
     return Probe(torch.tensor([ids]), tile_image(image, max_tiles=1, tile_size=size, thumbnail=False), image_id)
 
 
-def load_model(path: Path, image_token_id: int, device) -> torch.nn.Module:
-    """A checkpoint (either layout) in float32, without its tokenizer (the probe brings its own ids)."""
-    from captune.internvl.load import load_native, load_original
+def load_model(path: Path, image_token_id: int, device, layers: int | None = None) -> torch.nn.Module:
+    """A checkpoint (either layout) in float32, without its tokenizer (the probe brings its own ids); with `layers`,
+    depth-reduced: only the LLM's first `layers` layers (the rest of the checkpoint is passed over)."""
+    from captune.internvl.load import (
+        empty_model,
+        load_native,
+        load_original,
+        stream_weights,
+    )
 
     ckpt = open_checkpoint(path)
+    if layers is not None:
+        model = empty_model(ckpt, "sdpa", image_token_id, text_layers=layers)
+        stream_weights(model, ckpt, CHECK_DTYPE, lambda _name: device, first_layers(layers))
+        return model.eval()
     load = load_original if ckpt.layout == "internvl" else load_native
     return load(ckpt, CHECK_DTYPE, device, "sdpa", image_token_id).eval()
 
@@ -107,18 +125,19 @@ def probe_logits(model: torch.nn.Module, probe: Probe) -> torch.Tensor:
     return logits.float().cpu()
 
 
-def merged_logits(path: Path, probe: Probe, device) -> torch.Tensor:
-    """The probe logits of a model folder, loaded afresh in float32."""
-    return probe_logits(load_model(path, probe.image_token_id, device), probe)
+def merged_logits(path: Path, probe: Probe, device, layers: int | None = None) -> torch.Tensor:
+    """The probe logits of a model folder, loaded afresh in float32 (depth-reduced with `layers`)."""
+    return probe_logits(load_model(path, probe.image_token_id, device, layers), probe)
 
 
-def adapter_logits(model: torch.nn.Module, adapter: Adapter, probe: Probe) -> tuple[torch.Tensor, torch.nn.Module]:
-    """The reference: `model` (the base, float32) with the adapter applied by PEFT, unmerged; and `model` back
-    without it (PEFT only wraps the base's layers: their weights are left as they were)."""
+def adapter_logits(model: torch.nn.Module, adapter: Adapter, probe: Probe,
+                   folder: Path | None = None) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The reference: `model` (the base, float32) with the adapter (in `folder`, default its own) applied by PEFT,
+    unmerged; and `model` back without it (PEFT only wraps the base's layers: their weights are left as they were)."""
     from peft import PeftModel
 
     try:
-        peft = PeftModel.from_pretrained(model, str(adapter.path))
+        peft = PeftModel.from_pretrained(model, str(folder or adapter.path))
     except (ValueError, KeyError, RuntimeError) as e:
         raise CaptuneError(f"adapter does not fit its base model: {e}", adapter.path) from None
     reference = probe_logits(peft.eval(), probe)
@@ -137,21 +156,22 @@ def merge_in_memory(model: torch.nn.Module, adapter: Adapter) -> None:
         param.copy_(adapter.merged(key, param.detach().cpu(), param.dtype))
 
 
-def dtype_step(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The step between consecutive `dtype` numbers at each value of `x` (float32): its last bit's worth."""
-    info = torch.finfo(dtype)
-    exponent = torch.frexp(x)[1]  # x = m * 2**exponent, 0.5 <= |m| < 1: the step there is eps * 2**(exponent - 1)
-    return torch.ldexp(torch.full_like(x, info.eps), exponent - 1).clamp_min(info.eps * info.tiny)
-
-
 def rounding_noise(weight: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     """A rounding error of `dtype` for every element of `weight` (float32): uniform within half the step between
     `dtype` numbers at that value, as rounding a more precise value makes; none where the weight is 0.
 
     Simulated rather than done: a bf16 release's weights are bf16 numbers already, and rounding them changes nothing.
+    An error of `weight`'s own dtype (float32 on float32) is below what the weight can hold, so added to it, it would
+    vanish: there it is one whole step up or down with probability 1/12, as large on average (the same variance).
     """
     uniform = torch.rand(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
-    return torch.where(weight == 0, torch.zeros_like(weight), dtype_step(weight, dtype) * (uniform - 0.5))
+    step = dtype_step(weight, dtype)
+    if torch.finfo(dtype).eps <= torch.finfo(weight.dtype).eps:
+        noise = step * torch.sign(uniform - 0.5) * (torch.rand(weight.shape, generator=generator, device=weight.device,
+                                                               dtype=weight.dtype) < 1 / 12)
+    else:
+        noise = step * (uniform - 0.5)
+    return torch.where(weight == 0, torch.zeros_like(weight), noise)
 
 
 @contextmanager
@@ -198,51 +218,6 @@ def rounding_effect(model: torch.nn.Module, probe: Probe, dtype: torch.dtype,
         return relative_error(plain, probe_logits(model, probe))
 
 
-def compare_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, fmt: str, suffix: str = "",
-                    where: Path | None = None) -> int:
-    """Every weight of an output folder, read back through its own layout (names, fused q/k/v), must be `model`'s
-    (the float32 merge) rounded to `dtype`, bit for bit. Returns how many weights were compared; errors name `where`
-    (default: the folder)."""
-    from captune.internvl.load import fill_weights
-
-    compared: list[str] = []
-    differ: list[str] = []
-    overflow: list[str] = []
-    steps = [0.0]  # the largest difference of a differing weight, in steps of `dtype`
-
-    def compare(name: str, param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
-        compared.append(name)
-        expected = param.detach().to(dtype).cpu() if param.is_floating_point() else param.detach().cpu()
-        if param.is_floating_point() and not bool(expected.isfinite().all()):
-            overflow.append(name)
-        if tensor.dtype == expected.dtype and torch.equal(tensor, expected):
-            return
-        differ.append(name)
-        if tensor.shape == expected.shape and tensor.is_floating_point() and expected.is_floating_point():
-            diff = (tensor.float() - expected.float()).abs() / dtype_step(expected.float(), dtype)
-            steps[0] = max(steps[0], diff.max().item())
-
-    try:
-        fill_weights(model, open_checkpoint(folder), compare)
-    except CaptuneError as e:
-        raise CaptuneError(f"the merged model ({fmt}) does not hold the base model's weights: {e}{suffix}",
-                           where or folder) from None
-    if overflow:
-        raise CaptuneError(f"the merge does not fit {dtype_name(dtype)}: {len(overflow)} merged weights exceed its "
-                           f"range ({_some(overflow)}); merge with --dtype bf16 or fp32{suffix}", where or folder)
-    if differ:
-        rounded = "" if dtype == CHECK_DTYPE else f" rounded to {dtype_name(dtype)}"
-        by = f" by up to {steps[0]:.3g} steps of {dtype_name(dtype)}" if steps[0] else ""
-        raise CaptuneError(f"the merged model ({fmt}) is not the float32 merge{rounded}: {len(differ)} of "
-                           f"{len(compared)} weights differ{by} ({_some(differ)}); a wrong merge, not rounding "
-                           f"(captune merge rounds the float32 merge once){suffix}", where or folder)
-    return len(compared)
-
-
-def _some(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
 @dataclass
 class MergeCheck:
     """What `check_merge` measured: relative errors of float32 probe logits."""
@@ -263,7 +238,7 @@ class MergeCheck:
 
 
 def check_merge(adapter: Adapter, ckpt: Checkpoint, tokenizer, outs: dict[str, Path], dtype: torch.dtype, device,
-                say: Callable[[str], None], written: bool = True) -> MergeCheck:
+                say: Callable[[str], None], written: bool = True, layers: int | None | str = "auto") -> MergeCheck:
     """Check the outputs `outs` ({format: folder}, weights in `dtype`) of merging `adapter` into `ckpt`, exactly.
 
     1. The merge itself, in float32: the base with the adapter folded in, in memory, against the base with the
@@ -277,21 +252,32 @@ def check_merge(adapter: Adapter, ckpt: Checkpoint, tokenizer, outs: dict[str, P
     Then the information: each output's logits against the adapter's (for bf16/fp16, the rounding's effect, which is
     no error), beside what one rounding of the base's weights to `dtype` does to the base's logits.
     One float32 model in memory at a time; CaptuneError (ending in "nothing was written" when `written`) if off.
+
+    A model whose float32 copy would not fit `device` (`check_depth`; `layers` "auto") is checked depth-reduced: 1 and
+    3 on a model of the vision tower, the projector and the LLM's first `layers` layers (every width real; each layer
+    is merged by the same rule), 2 for every weight, shard by shard (`compare_streamed`): InternVL2-76B is 305 GB in
+    float32. `layers` None: the whole model.
     """
     from captune.devices import resolve_device
 
     suffix = "; nothing was written" if written else ""
     device = resolve_device(device)
+    if layers == "auto":
+        layers, why = check_depth(original_config(ckpt), device)
+        if layers is not None:
+            say(f"Checking on a depth-reduced model: {why}")
     probe = make_probe(ckpt, tokenizer)
-    model = load_model(ckpt.path, probe.image_token_id, device)
+    model = load_model(ckpt.path, probe.image_token_id, device, layers)
     check = MergeCheck(dtype=dtype, merge_error=math.nan)
     plain = probe_logits(model, probe) if dtype != CHECK_DTYPE else None
     if plain is not None:
         check.base_rounding = rounding_effect(model, probe, dtype, plain)
-    reference, model = adapter_logits(model, adapter, probe)
+    with tempfile.TemporaryDirectory() as tmp:
+        part = adapter if layers is None else adapter_subset(adapter, first_layers(layers), Path(tmp))
+        reference, model = adapter_logits(model, part, probe, None if layers is None else Path(tmp))
     if plain is not None:
         check.adapter_effect = relative_error(plain, reference)
-    merge_in_memory(model, adapter)
+    merge_in_memory(model, part)
     merged = probe_logits(model, probe)
     check.float32_noise = rounding_effect(model, probe, CHECK_DTYPE, merged)
     check.tolerance = tol = max(TOLERANCE, NOISE_MARGIN * check.float32_noise)
@@ -302,7 +288,9 @@ def check_merge(adapter: Adapter, ckpt: Checkpoint, tokenizer, outs: dict[str, P
         raise CaptuneError(f"the merge differs from the adapter: relative error of the float32-merged logits {err:.3g} "
                            f"is above the tolerance {tol:.2g} (a wrong merge, not rounding){suffix}", adapter.path)
     for fmt, folder in outs.items():  # errors name the adapter when the folder is a temporary one, gone with them
-        check.weights = compare_weights(model, folder, dtype, fmt, suffix, adapter.path if written else None)
+        where = adapter.path if written else None
+        check.weights = (compare_weights(model, folder, dtype, fmt, suffix, where) if layers is None
+                         else compare_streamed(ckpt, adapter, folder, dtype, fmt, suffix, where))
     with torch.no_grad():
         for param in model.parameters():
             if param.is_floating_point():
@@ -312,14 +300,15 @@ def check_merge(adapter: Adapter, ckpt: Checkpoint, tokenizer, outs: dict[str, P
     gc.collect()
     what = "the float32 merge" + ("" if dtype == CHECK_DTYPE else f" rounded to {dtype_name(dtype)}")
     for fmt, folder in outs.items():
-        logits = merged_logits(folder, probe, device)
+        logits = merged_logits(folder, probe, device, layers)
         check.load_error[fmt] = load_err = relative_error(rounded, logits)
         if not load_err <= tol:
             raise CaptuneError(f"the merged model ({fmt}) does not load as the merge: its logits are {load_err:.3g} "
                                f"off those of its own weights in memory (tolerance {tol:.2g}); its config.json?"
                                f"{suffix}", adapter.path if written else folder)
         check.error[fmt] = err = relative_error(reference, logits)
-        text = (f"Checked the {fmt} output: its {check.weights} weights are {what}, bit for bit, and it loads as that "
+        loads = "it loads" if layers is None else f"its vision tower, projector and first {layers} LLM layers load"
+        text = (f"Checked the {fmt} output: its {check.weights} weights are {what}, bit for bit, and {loads} as that "
                 "model")
         if check.base_rounding is None:
             say(f"{text} (relative error of its logits against the adapter's {err:.2e})")
