@@ -66,10 +66,11 @@ def table() -> str:
     lines.append("Per GPU: evaluation of the 5,000 COCO test images (7 tiles, 30 new tokens) as replicas x GPUs per "
                  "model, batch (compiled: the prompt's repeated blocks, as `--compile auto` does for a model on one GPU "
                  "with 4,000 images or more), GB per GPU and minutes; LoRA training with the size's recipe "
-                 "(`internvl2_<size>_coco_lora`: rank, global batch) in the setting the plan finds fastest among "
-                 "those that fit, as strategy, checkpointing, token budget, GB per GPU and hours per COCO epoch. "
+                 "(`internvl2_<size>_coco_lora`) as `captune train` runs it (the recipe's strategy and checkpointing, "
+                 "at the largest token budget that fits), as strategy, checkpointing, token budget, GB per GPU and "
+                 "hours per COCO epoch. "
                  "Times are the plan's estimates for H100/H200-class GPUs."
-                 + "".join(f" {mark} The recipe's {note}." for note, mark in notes.items()))
+                 + "".join(f" {mark} {note[0].upper()}{note[1:]}." for note, mark in notes.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -88,7 +88,7 @@ STRATEGIES = {
     "InternVL2-4B": [((True, 1, 1), (True, "one GPU", False)), ((True, 1, 8), (True, "DDP", False))],
     "InternVL2-8B": [((True, 1, 1), (True, "one GPU", False)), ((True, 1, 8), (True, "DDP", False))],
     "InternVL2-26B": [((True, 1, 1), (True, "one GPU", True)), ((True, 1, 8), (True, "DDP", True))],
-    "InternVL2-40B": [((False, 2, None), (False, None, None)), ((True, 2, 4), (True, "FSDP2", False))],
+    "InternVL2-40B": [((False, 2, None), (False, None, None)), ((True, 2, 4), (True, "FSDP2", True))],
     "InternVL2-Llama3-76B": [((False, 3, None), (False, None, None)), ((True, 4, 2), (True, "FSDP2", True))],
 }
 

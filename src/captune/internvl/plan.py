@@ -282,7 +282,8 @@ def train_tokens_per_s(s: Shape, checkpointing: bool, compiled: bool, images: in
 
 
 def choose_train(s: Shape, settings: RecipeSettings, gpus: int, usable: float) -> dict:
-    """One GPU, DDP or FSDP2; checkpointing; token budget (at most the recipe's): the fastest that fits.
+    """One GPU, DDP or FSDP2; checkpointing; token budget (at most the recipe's): the recipe's strategy and
+    checkpointing, as `captune train` runs them, at the largest budget that fits; else the fastest setting that fits.
 
     With shared prefixes a step is whole images until `global_batch_size` captions (COCO: five per image), spread
     over the processes, so a small global batch also caps the micro-batch."""
@@ -290,7 +291,8 @@ def choose_train(s: Shape, settings: RecipeSettings, gpus: int, usable: float) -
     step_images = -(-settings.global_batch_size // 5)
     per_process = max(1, -(-step_images // gpus))
     budgets = [b for b in TRAIN_BUDGETS if group <= b <= settings.token_budget] or [settings.token_budget]
-    best, smallest = None, None
+    best, smallest, as_recipe = None, None, None
+    recipe = ("one GPU" if gpus == 1 else "FSDP2" if settings.fsdp else "DDP", settings.gradient_checkpointing)
     for strategy in ["one GPU"] if gpus == 1 else ["DDP", "FSDP2"]:
         compiled = settings.compile == "on" or (settings.compile == "auto" and strategy != "FSDP2"
                                                 and settings.share_prefix != "off" and not settings.lora_vision)
@@ -308,11 +310,24 @@ def choose_train(s: Shape, settings: RecipeSettings, gpus: int, usable: float) -
                           "total_gb": {"checkpointing_off": both[False]["total"], "checkpointing_on": both[True]["total"]}}
                 if smallest is None or option["memory_gb"]["total"] < smallest["memory_gb"]["total"]:
                     smallest = option
-                if option["memory_gb"]["total"] <= usable and (best is None or rate > best["tokens_per_s"] * 1.001):
+                fits = option["memory_gb"]["total"] <= usable
+                if fits and (best is None or rate > best["tokens_per_s"] * 1.001):
                     best = option
+                if fits and (strategy, checkpointing) == recipe and (
+                        as_recipe is None or rate > as_recipe["tokens_per_s"]):
+                    as_recipe = option
     note = None if step_images >= gpus else (
-        f"global batch {settings.global_batch_size} captions is ~{step_images} images per step, fewer than {gpus} "
-        f"processes: raise --global-batch-size to {5 * gpus} or more")
+        f"the recipe's global batch {settings.global_batch_size} captions is ~{step_images} images per step, fewer "
+        f"than {gpus} processes: raise --global-batch-size to {5 * gpus} or more")
+    other = None
+    if as_recipe and best["tokens_per_s"] > 1.05 * as_recipe["tokens_per_s"]:
+        other = (f"faster, and it fits: {_setting(best, settings)} ({best['memory_gb']['total']:.0f} GB, "
+                 f"{best['tokens_per_s'] / as_recipe['tokens_per_s'] - 1:.0%} faster)")
+    elif best and not as_recipe:
+        other = (f"the recipe's {recipe[0]}, checkpointing {'on' if recipe[1] else 'off'} does not fit: "
+                 f"{_setting(best, settings)}")
+    note = "; ".join(filter(None, [note, other])) or None
+    best = as_recipe or best
     if best:
         return {"fits": True, **best, "hours_per_epoch": COCO_IMAGES * group / best["tokens_per_s"] / 3600, "note": note}
     need = next((n for n in range(max(2, gpus + 1), 1025)
@@ -320,6 +335,16 @@ def choose_train(s: Shape, settings: RecipeSettings, gpus: int, usable: float) -
     message = f"does not fit {gpus} GPU{'s' if gpus > 1 else ''} of this size" + \
         (f"; FSDP2 over {need} would (checkpointing, one image per micro-batch)" if need else "")
     return {"fits": False, **smallest, "gpus_needed": need, "message": message, "note": note}
+
+
+def _setting(option: dict, settings: RecipeSettings) -> str:
+    """The options of `captune train` that give `option` over the recipe's."""
+    flags = [] if option["strategy"] != "FSDP2" or settings.fsdp else ["--fsdp"]
+    if option["gradient_checkpointing"] != settings.gradient_checkpointing:
+        flags.append("--gradient-checkpointing" if option["gradient_checkpointing"] else "--no-gradient-checkpointing")
+    if option["token_budget"] != settings.token_budget:
+        flags.append(f"--token-budget {option['token_budget']}")
+    return " ".join(flags)
 
 
 # ------------------------------------------------------------------------------------------------- the command
@@ -362,39 +387,7 @@ def plan(model: Path, gpus: int = 1, gpu_memory: float = 80.0, recipe: str | Non
         "train": {"recipe": name, "lora_rank": settings.lora_rank, "trainable": lora_parameters(s, settings.lora_rank),
                   **choose_train(s, settings, gpus, usable)},
     }
+    from captune.internvl.plan_format import format_plan
+
     print(jsonlib.dumps(result, indent=2) if json else format_plan(result), flush=True)
     return result
-
-
-def format_plan(r: dict) -> str:
-    """The plan as a readable table."""
-    m, p, e, t = r["model"], r["parameters"], r["eval"], r["train"]
-    lines = [(f"{m['release'] or 'InternVL2 model'}: {m['vision']} + {m['llm']} (vocabulary {m['vocab']:,}), "
-              f"{p['total'] / 1e9:.2f} B parameters, {r['weights_gb']:.1f} GB in bf16")]
-    lines += [f"  {k.replace('_', ' '):<16}{v:>16,}" for k, v in p.items() if k != "total"]
-    lines.append(f"GPUs: {r['gpus']} x {r['gpu_memory_gb']:g} GB ({r['usable_gb']:.0f} GB usable each)")
-    lines.append(f"Evaluation ({EVAL_IMAGES:,} COCO test images, {EVAL_TILES} tiles: {EVAL_PROMPT:,}-token prompt, "
-                 f"{EVAL_NEW_TOKENS} new tokens)")
-    k, mem = e["gpus_per_model"], e["memory_gb"]
-    lines.append(f"  strategy       {e['replicas']} replica{'s' if e['replicas'] > 1 else ''} x {k} GPU"
-                 f"{'s' if k > 1 else ''} per model, batch {e['batch']}{', compiled' * e['compiled']}" if e["fits"] else
-                 f"  does not fit   {e['message']}")
-    lines.append(f"  per GPU        weights {mem['weights']:.1f} + KV cache {mem['kv_cache']:.1f} + activations "
-                 f"{mem['activations']:.1f} = {mem['total']:.1f} GB")
-    if e["fits"]:
-        lines.append(f"  time           {e['images_per_s']:.1f} images/s: {e['minutes']:.1f} min")
-    mem, total, over = t["memory_gb"], t["total_gb"], f" over {t['gpus']} GPUs" if t["gpus"] > 1 else ""
-    lines.append(f"Training (recipe {t['recipe']}: LoRA r{t['lora_rank']} on the LLM, {t['trainable']:,} trainable)")
-    lines.append(f"  strategy       {t['strategy']}{over}, checkpointing {'on' if t['gradient_checkpointing'] else 'off'}"
-                 f", token budget {t['token_budget']:,} ({t['images_per_micro_batch']} image"
-                 f"{'s' if t['images_per_micro_batch'] > 1 else ''}), compile {'on' if t['compile'] else 'off'}"
-                 if t["fits"] else f"  does not fit   {t['message']}")
-    lines.append(f"  per GPU        frozen weights {mem['weights']:.1f} + LoRA weights/grads/AdamW {mem['lora_states']:.1f}"
-                 f" + activations {mem['activations']:.1f} = {mem['total']:.1f} GB (checkpointing on "
-                 f"{total['checkpointing_on']:.1f}, off {total['checkpointing_off']:.1f})")
-    if t["fits"]:
-        lines.append(f"  time           {t['tokens_per_s']:,.0f} tokens/s: one COCO epoch ({COCO_CAPTIONS:,} captions) "
-                     f"{t['hours_per_epoch']:.1f} h")
-    if t.get("note"):
-        lines.append(f"  note           {t['note']}")
-    return "\n".join(lines)
