@@ -4,6 +4,7 @@ what would make it another run), and starting again never mixes two runs' checkp
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import fields
@@ -181,6 +182,24 @@ def test_resuming_says_what_changed_and_refuses_another_run(tiny_data, tmp_path,
     assert "changed since the run was last started: --max-steps 2 -> 3, --num-workers 0 -> 1, --log-every 5 -> 2" \
         in log
     assert cfg.load_run_config(out).max_steps == 3
+
+
+def test_a_run_resumes_from_another_folder_with_its_paths_named_otherwise(tiny_data, tmp_path, monkeypatch, capsys):
+    """captune.yaml records absolute paths: the same run, resumed from another working folder (a Slurm job) with
+    relative paths, is the same run."""
+    root, model, _ = tiny_data
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    def rel(path: Path) -> Path:
+        return Path(os.path.relpath(path))
+
+    assert main(command(rel(root), rel(model), Path("run"))) == 0
+    assert cfg.load_run_config(tmp_path / "a" / "run").model == str(model.resolve())
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    capsys.readouterr()
+    assert main(command(rel(root), rel(model), Path("../run"), "--max-steps", "3")) == 0, capsys.readouterr().err
+    log = (tmp_path / "a" / "run" / "train.log").read_text()
+    assert "changed since the run was last started: --max-steps 2 -> 3" in log
 
 
 def test_allowed_changes_take_effect(tiny_data, tmp_path):

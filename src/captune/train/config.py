@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -310,10 +311,16 @@ def _out_of_range(value: float, low: float | None, high: float | None, low_open:
     return "must be " + " and ".join(parts)
 
 
+PATHS = ("model", "data", "eval_data")  # folders and files, recorded absolute: a resume may start from another folder
+
+
 def save(config: TrainConfig, out: Path) -> None:
+    """OUT/captune.yaml: the resolved configuration, its paths absolute (a Slurm job resumes from wherever it starts)."""
     from captune.fileio import write_text_atomic
 
-    write_text_atomic(out / RUN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    values = config.to_dict()
+    values.update({k: os.path.abspath(values[k]) for k in PATHS if values.get(k)})
+    write_text_atomic(out / RUN_CONFIG, yaml.safe_dump(values, sort_keys=False))
 
 
 def load_run_config(folder: str | Path) -> TrainConfig:

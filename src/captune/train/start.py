@@ -40,7 +40,6 @@ CONTINUABLE = ("recipe", "epochs", "max_steps", "token_budget", "num_workers", "
                "compile", "device", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_limit",
                "eval_data")
 COMMAND = ("out", "resume", "force", "allow_changes")  # how this command treats the folder, not the run's
-_PATHS = ("model", "data", "eval_data")
 TENSORBOARD = "tensorboard"
 
 
@@ -253,7 +252,7 @@ def compare(before: cfg.TrainConfig, config: cfg.TrainConfig, out: Path) -> str:
 def _same(key: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
-    if key in _PATHS and old and new:  # one folder, named otherwise (relative, absolute, through a link)
+    if key in cfg.PATHS and old and new:  # one folder, named otherwise (relative, absolute, through a link)
         try:
             return os.path.samefile(old, new)
         except OSError:
