@@ -79,11 +79,12 @@ def bad_inputs(root: Path, model: Path, tmp: Path) -> dict[str, tuple[dict, str]
         "data empty": ({"--data": str(tmp / "empty.jsonl")}, "is empty: no training samples"),
         "out is a file": ({"--out": str(tmp / "a-file")}, "exists and is not a folder"),
         "out under a file": ({"--out": str(tmp / "a-file" / "run")}, "is not a folder"),
+        "image root missing": ({"--image-root": str(tmp / "nope")}, "--image-root: no such folder"),
     }
 
 
 CASES = ["model missing", "model without config.json", "model without tokenizer", "data missing", "data empty",
-         "out is a file", "out under a file"]
+         "out is a file", "out under a file", "image root missing"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -92,7 +93,10 @@ def test_bad_inputs_are_one_line_and_nothing_is_written(tiny_data, tmp_path, cap
     options, message = bad_inputs(root, model, tmp_path)[case]
     argv = command(root, model, tmp_path / "runs" / "run")
     for key, value in options.items():
-        argv[argv.index(key) + 1] = value
+        if key in argv:
+            argv[argv.index(key) + 1] = value
+        else:
+            argv += [key, value]
     before = snapshot(tmp_path)
     assert main(argv) == 2
     assert message in one_error(capsys)
@@ -200,6 +204,19 @@ def test_a_run_resumes_from_another_folder_with_its_paths_named_otherwise(tiny_d
     assert main(command(rel(root), rel(model), Path("../run"), "--max-steps", "3")) == 0, capsys.readouterr().err
     log = (tmp_path / "a" / "run" / "train.log").read_text()
     assert "changed since the run was last started: --max-steps 2 -> 3" in log
+
+
+def test_image_paths_relative_to_another_folder_take_image_root(tiny_data, tmp_path, capsys):
+    """A jsonl kept apart from its images (paths relative to ROOT): --image-root ROOT, as `captune data check`."""
+    root, model, rows = tiny_data
+    apart = tmp_path / "annotations"
+    apart.mkdir()
+    shutil.copy(root / "train.jsonl", apart / "train.jsonl")
+    argv = command(root, model, tmp_path / "run")
+    argv[argv.index("--data") + 1] = str(apart / "train.jsonl")
+    assert main([*argv, "--image-root", str(root)]) == 0, capsys.readouterr().err
+    assert f"{len(rows)} captions of 8 images" in (tmp_path / "run" / "train.log").read_text()
+    assert cfg.load_run_config(tmp_path / "run").image_root == str(root.resolve())
 
 
 def test_allowed_changes_take_effect(tiny_data, tmp_path):

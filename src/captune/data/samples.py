@@ -278,9 +278,9 @@ def _guess_root(path: Path, candidates: Sequence[Path], first_image: str, report
     for candidate in candidates:
         if (candidate / first_image).exists():
             return candidate
-    tried = ", ".join(str(c) for c in candidates)
+    tried = ", ".join(dict.fromkeys(str(c) for c in candidates))
     report.notes.append(f"{path}: image {first_image} not found under {tried}; assuming {candidates[0]} "
-                        "(pass the image folder to use another)")
+                        "(--image-root names another folder)")
     return candidates[0]
 
 

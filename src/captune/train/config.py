@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 42
 
     # data
+    image_root: str = ""  # the folder the data's image paths are relative to; default: found from --data
     max_tiles: int = 6
     max_seq_length: int = 4096
     group_by_length: bool = True
@@ -111,6 +112,8 @@ HELP = {
     "adam_betas": "AdamW betas, as B1,B2",
     "adam_eps": "AdamW epsilon",
     "seed": "seed of the data order, the LoRA initialisation and dropout",
+    "image_root": "the folder the data's image paths are relative to (default: found from --data, as `captune data "
+                  "check`)",
     "max_tiles": "dynamic tiling: at most this many tiles per image (+ a thumbnail)",
     "max_seq_length": "samples longer than this are left out (and counted in the log)",
     "group_by_length": "micro-batches of similar lengths, as HF Trainer (without shared prefixes)",
@@ -311,7 +314,7 @@ def _out_of_range(value: float, low: float | None, high: float | None, low_open:
     return "must be " + " and ".join(parts)
 
 
-PATHS = ("model", "data", "eval_data")  # folders and files, recorded absolute: a resume may start from another folder
+PATHS = ("model", "data", "eval_data", "image_root")  # folders and files, recorded absolute: a resume may start from another folder
 
 
 def save(config: TrainConfig, out: Path) -> None:

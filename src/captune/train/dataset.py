@@ -262,7 +262,7 @@ def load_training_data(config, processor, log, ctx: distributed.Context | None =
     from captune.data.samples import read_training_data
 
     several = ctx is not None and ctx.distributed
-    report = read_training_data(config.data)
+    report = read_training_data(config.data, config.image_root or None)
     if several and not ctx.is_main:
         distributed.barrier(ctx)  # wait for the main process's image check
     checked = check_samples(report.samples, decode_images=False, progress=log.enabled,

@@ -33,7 +33,7 @@ from captune.train import config as cfg
 from captune.train.state import checkpoint_folders, latest_checkpoint
 
 SHAPE = ("lora_rank", "lora_vision", "train_projector")
-IDENTITY = ("model", "data", "lora_alpha", "lora_dropout", "learning_rate", "weight_decay", "warmup_ratio",
+IDENTITY = ("model", "data", "image_root", "lora_alpha", "lora_dropout", "learning_rate", "weight_decay", "warmup_ratio",
             "lr_scheduler", "global_batch_size", "per_device_batch_size", "max_grad_norm", "adam_betas", "adam_eps",
             "seed", "max_tiles", "max_seq_length", "group_by_length", "share_prefix", "dtype")
 CONTINUABLE = ("recipe", "epochs", "max_steps", "token_budget", "num_workers", "gradient_checkpointing", "fsdp",
@@ -61,6 +61,8 @@ def check(config: cfg.TrainConfig, ctx: distributed.Context) -> Start:
         raise CaptuneError("--eval-every needs the whole model in one process; it does not work with --fsdp "
                            "(evaluate a checkpoint with `captune eval` instead)")
     check_data(config.data)
+    if config.image_root and not Path(config.image_root).is_dir():
+        raise CaptuneError("--image-root: no such folder", config.image_root)
     check_plan(config, ctx)  # config.json alone: before the tokenizer, long before the weights
     processor = check_model(config.model)
     if config.eval_every > 0:
