@@ -240,6 +240,9 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
         load_shards(loss_module, config, ctx.device)
     optimizer = _optimizer(wrapped, config)
     scheduler = _scheduler(optimizer, config, schedule.total_steps)
+    if math.ceil(schedule.total_steps * config.warmup_ratio) >= schedule.total_steps:
+        log.info(f"warning: all {schedule.total_steps} steps warm the learning rate up (--warmup-ratio "
+                 f"{config.warmup_ratio:g}): it starts at 0 and never reaches --learning-rate {config.learning_rate:g}")
     start_step, best, state = 0, {"cider": -1.0}, None
     if plan.resume_from is not None:
         state = restore_checkpoint(plan.resume_from, loss_module, wrapped, optimizer, scheduler, ctx, config)
@@ -309,6 +312,7 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
                 loss_total += weight * loss_sum.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
                                                        config.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]  # this step's (after the step the scheduler holds the next one's)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -318,9 +322,9 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
             done = run.step = step + 1
             elapsed = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if done % config.log_every == 0 or done == schedule.total_steps:
-                record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                record = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                           "samples_per_s": counts[1].item() / elapsed, "tokens_per_s": counts[2].item() / elapsed,
                           "skipped": skipped_total}
                 if ctx.device.type == "cuda":
