@@ -113,11 +113,10 @@ def test_strategy_for_one_and_eight_80gb_gpus(name, gpus, capsys):
 
 
 # Measured peaks (GB = 2^30 bytes): evaluation with 7-tile images, 30 new tokens, captune's decoder (docs/benchmarks.md,
-# H200, 2026-12-01): the 2B at batch 64 in the seventh session (the prompt writing into the static cache); 8B-76B in
-# the sixth, when the decoder still held the prompt's cache beside it while copying (an upper bound now; 76B
-# extrapolated from 10 and 20 of its layers). LoRA steps with r128.
-EVAL_PEAKS = [("InternVL2-2B", 64, 27.9), ("InternVL2-8B", 16, 26.0), ("InternVL2-26B", 16, 63.2),
-              ("InternVL2-40B", 16, 94.1), ("InternVL2-Llama3-76B", 16, 161.7)]
+# H200): the 2B at batch 64 (2026-12-01, seventh session); 8B-76B at batch 16 with benchmarks/sizes.py (2026-12-02,
+# twelfth session; 76B extrapolated from 10 and 20 of its layers). LoRA steps with r128.
+EVAL_PEAKS = [("InternVL2-2B", 64, 27.9), ("InternVL2-8B", 16, 22.5), ("InternVL2-26B", 16, 62.8),
+              ("InternVL2-40B", 16, 91.4), ("InternVL2-Llama3-76B", 16, 161.7)]
 
 
 @pytest.mark.parametrize("name,batch,measured", EVAL_PEAKS)
@@ -150,6 +149,16 @@ def test_speed_estimates_match_the_calibration_runs():
     assert 1 / P.eval_seconds_per_image(shape("InternVL2-40B"), 16) == pytest.approx(2.13, rel=0.2)
     rate = P.train_tokens_per_s(shape("InternVL2-2B"), False, True, 8, P.GROUP_TOKENS)
     assert P.COCO_IMAGES * P.GROUP_TOKENS / rate / 3600 == pytest.approx(1.56, rel=0.2)
+
+
+@pytest.mark.parametrize("name,seconds", [("InternVL2-8B", 1.037), ("InternVL2-26B", 3.093), ("InternVL2-40B", 4.600),
+                                          ("InternVL2-Llama3-76B", 7.848)])
+def test_training_step_times_match_the_sizes_benchmark(name, seconds):
+    """Within 10%: one LoRA step on a 7,778-token row of 4 images x 7 tiles, checkpointing, FSDP2 in a group of one
+    (benchmarks/sizes.py, H200, 2026-12-02; 76B extrapolated from 10 and 20 of its layers)."""
+    tokens = 7778
+    rate = P.train_tokens_per_s(shape(name), True, False, 4, tokens / 4)
+    assert tokens / rate == pytest.approx(seconds, rel=0.1)
 
 
 def test_evaluation_is_planned_compiled_as_compile_auto_decides():

@@ -12,6 +12,7 @@ H100/H200-class GPU (989 TFLOP/s dense bf16) and are estimates (within 20% of th
 
 from __future__ import annotations
 
+import math
 import json as jsonlib
 from collections import namedtuple
 from dataclasses import dataclass, fields, replace
@@ -64,6 +65,10 @@ LORA_STATE_BYTES = 16  # float32 weight, gradient, AdamW m and v; DDP adds a flo
 # Model FLOPs utilisation at 16,384-token rows: compiled 2B 38.7k tokens/s (1.56 h per epoch); eager 2B 19.5-27.7k
 # tokens/s, 26B 4.7 s and 40B 6.1 s per 7.2k-token step with checkpointing (25-30%).
 TRAIN_MFU = {True: 0.36, False: 0.28}
+# Wider layers use the GPU better: per doubling of the LLM's width over 2B's (2,048), 40% more, fitted to one LoRA step
+# of 8B, 26B, 40B and 76B (FSDP2, checkpointing; benchmarks/sizes.py, H200, 2026-12-02): all four within 4%. Narrower
+# models (1B) keep 2B's: not measured.
+WIDTH_GAIN, BASE_WIDTH = 0.40, 2048
 # By images per micro-batch: 4 (8,192-token rows) 7-9% slower than 8 (16,384) for 2B; fewer: extrapolated.
 IMAGES_EFFICIENCY = {8: 1.0, 4: 0.92, 2: 0.85, 1: 0.75}
 PARALLEL_EFFICIENCY = {"one GPU": 1.0, "DDP": 0.95, "FSDP2": 0.90}  # not measured at scale
@@ -278,7 +283,8 @@ def train_tokens_per_s(s: Shape, checkpointing: bool, compiled: bool, images: in
     flops = 2 * passes * parameter_counts(s)["llm_layers"] + 2 * (passes + 1) * s.layers * s.hidden * group \
         + vision_flops_per_image(s, tiles) / group
     efficiency = max(e for n, e in IMAGES_EFFICIENCY.items() if n <= max(images, 1))
-    return TRAIN_MFU[compiled] * efficiency * PEAK_FLOPS / flops
+    width = 1 + WIDTH_GAIN * max(0.0, math.log2(s.hidden / BASE_WIDTH))
+    return TRAIN_MFU[compiled] * width * efficiency * PEAK_FLOPS / flops
 
 
 def choose_train(s: Shape, settings: RecipeSettings, gpus: int, usable: float) -> dict:
