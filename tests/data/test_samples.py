@@ -444,6 +444,7 @@ def test_data_check_command(coco: Path, capsys):
     assert "3 samples read" in out
     assert f"1 malformed line (e.g. {jsonl}:3: not valid JSON" in out
     assert "1 truncated image" in out
+    assert "note: lengths not checked against --max-seq-length 4096: --model MODEL counts the tokens" in out
     assert "2 samples OK" in out
 
 
@@ -455,7 +456,9 @@ def test_data_check_measures_lengths_with_the_models_geometry(tmp_path, capsys):
 
     make_synthetic_dataset(tmp_path / "data", train=4, test=1, seed=0, image_size=(448, 224))
     problems = data_check_command(tmp_path / "data", model=base_model_path(), max_seq_length=512, num_workers=0)
-    assert problems == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert problems == 0, out
+    assert "lengths not checked" not in out
 
 
 def test_image_check_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):

@@ -139,16 +139,19 @@ def test_bad_samples_are_skipped_not_fatal(tiny_data, tmp_path):
 
 def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_data, tmp_path):
     """Warm-up over 2 of 3 steps (ceil(3 x 0.34)), then cosine: the steps run at 0, half the peak and the peak, and
-    the log says so (not the rate the scheduler holds for the next step). A run that is all warm-up is warned about."""
+    the log says so (not the rate the scheduler holds for the next step). A run that is all warm-up is warned about, as
+    --fsdp in one process (it shards over torchrun's processes)."""
     from captune.train.loop import train
 
     root, model, _ = tiny_data
     train(run_config(root, model, tmp_path / "run", max_steps=3, warmup_ratio=0.34, learning_rate=1e-3))
     assert [r["lr"] for r in read_log(tmp_path / "run")] == pytest.approx([0.0, 5e-4, 1e-3], abs=1e-12)
     assert "warning" not in (tmp_path / "run" / "train.log").read_text()
-    train(run_config(root, model, tmp_path / "short", max_steps=1, warmup_ratio=0.03))
+    train(run_config(root, model, tmp_path / "short", max_steps=1, warmup_ratio=0.03, fsdp=True))
+    log = (tmp_path / "short" / "train.log").read_text()
     assert ("warning: all 1 steps warm the learning rate up (--warmup-ratio 0.03): it starts at 0 and never reaches "
-            "--learning-rate") in (tmp_path / "short" / "train.log").read_text()
+            "--learning-rate") in log
+    assert "warning: --fsdp shards the model over torchrun's processes; in one process it trains unsharded" in log
 
 
 def test_unknown_override_is_a_clear_error(tiny_data, tmp_path, capsys):

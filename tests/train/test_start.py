@@ -80,11 +80,12 @@ def bad_inputs(root: Path, model: Path, tmp: Path) -> dict[str, tuple[dict, str]
         "out is a file": ({"--out": str(tmp / "a-file")}, "exists and is not a folder"),
         "out under a file": ({"--out": str(tmp / "a-file" / "run")}, "is not a folder"),
         "image root missing": ({"--image-root": str(tmp / "nope")}, "--image-root: no such folder"),
+        "eval-every on a jsonl": ({"--eval-every": "1"}, "cannot stand in"),
     }
 
 
 CASES = ["model missing", "model without config.json", "model without tokenizer", "data missing", "data empty",
-         "out is a file", "out under a file", "image root missing"]
+         "out is a file", "out under a file", "image root missing", "eval-every on a jsonl"]
 
 
 @pytest.mark.parametrize("case", CASES)

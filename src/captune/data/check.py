@@ -180,5 +180,8 @@ def data_check_command(data: str | Path, model: str | Path | None = None, max_ti
         kept = len(check_lengths(table, lengths, max_seq_length, problems, among=np.flatnonzero(tiles)))
     if problems.total:
         print(format_problems(problems))
+    if model is None:
+        print(f"note: lengths not checked against --max-seq-length {max_seq_length}: --model MODEL counts the tokens "
+              "with its tokenizer")
     print(f"{kept} samples OK")
     return problems.total

@@ -206,6 +206,8 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
     log = run.log = RunLog(out, enabled=ctx.is_main, tensorboard=False)  # TensorBoard once the start has succeeded
     log.info(f"training {config.model} on {config.data} -> {out}" + (f" ({ctx.world_size} processes)" if ctx.distributed else ""))
     sharded = config.fsdp and ctx.distributed
+    if config.fsdp and not sharded:
+        log.info("warning: --fsdp shards the model over torchrun's processes; in one process it trains unsharded")
     data = load_training_data(config, processor, log, ctx)  # the data before the model
     shared = data.shared
     schedule = Schedule(data.lengths, data.groups.sizes, config, ctx.world_size, shared)

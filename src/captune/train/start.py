@@ -68,6 +68,10 @@ def check(config: cfg.TrainConfig, ctx: distributed.Context) -> Start:
     if config.eval_every > 0:
         from captune.data.evalsets import resolve_eval_set
 
+        if not config.eval_data and not Path(config.data).is_dir():
+            raise CaptuneError("--eval-every needs a test set in the tutorial's layout (a folder with "
+                               "annotations/coco_karpathy_test.json and its images): give --eval-data DIR; --data is "
+                               "a file, so it cannot stand in", config.data)
         resolve_eval_set(config.eval_data or config.data, limit=1)  # fail now, not hours into the run
     return _check_out(config, processor)
 
