@@ -197,7 +197,7 @@ def evaluate(model: str, data: str | None = None, test_json: str | None = None, 
         test_json: the test image list (COCO Karpathy list, or Flickr30k/NoCaps json) (default: from --data)
         gt_json: the reference captions in COCO format (default: from --data, else --test-json)
         image_root: folder the image paths are relative to (default: --data, else the folder of --test-json)
-        out: output folder (default runs/eval-MODELNAME)
+        out: output folder (default runs/eval-MODELNAME; for a checkpoint runs/eval-RUN-CHECKPOINT)
         max_tiles: dynamic tiling: at most this many tiles (+ a thumbnail)
         batch_size: images per batch (default 64 on a GPU, or the largest of 32, 16, 8 that fits; 4 on the CPU)
         limit: only the first N test images (default: all)

@@ -102,3 +102,12 @@ def test_eval_writes_only_into_its_own_folder_unless_forced(data, fixtures, tmp_
     capsys.readouterr()
     assert main(argv) == 0  # now it is an eval run of its own: the same command resumes it
     assert "2 already captioned" in capsys.readouterr().out
+
+
+def test_the_default_out_keeps_two_runs_checkpoints_apart(tmp_path):
+    from captune.eval.evaluate import default_out
+
+    assert default_out(tmp_path / "pretrained" / "InternVL2-2B") == Path("runs/eval-InternVL2-2B")
+    assert default_out(tmp_path / "coco-lora" / "checkpoint-000200") == Path("runs/eval-coco-lora-checkpoint-000200")
+    assert default_out(tmp_path / "other" / "checkpoint-000200") == Path("runs/eval-other-checkpoint-000200")
+    assert default_out(tmp_path / "coco-lora" / "best") == Path("runs/eval-coco-lora-best")

@@ -113,6 +113,14 @@ def warn_without_java() -> None:
         warnings.warn(f"{e}; the captions will be written but not scored", stacklevel=2)
 
 
+def default_out(model: str | Path) -> Path:
+    """runs/eval-NAME: the model folder's name, and for a checkpoint its run's (runs/eval-coco-lora-checkpoint-001106),
+    so that the checkpoints of two runs do not share a folder."""
+    path = Path(model).resolve()
+    name = f"{path.parent.name}-{path.name}" if path.name.startswith(("checkpoint-", "best")) else path.name
+    return Path("runs") / f"eval-{name}"
+
+
 def evaluate(
     model: str,
     data: str | None = None,
@@ -153,7 +161,7 @@ def evaluate(
             evalset = resolve_eval_set(data, test_json, gt_json, image_root, limit)
             check_model(model)
             check_eval_set(evalset, warn=ctx.is_main)
-            out_dir = Path(out) if out else Path("runs") / f"eval-{Path(model).resolve().name}"
+            out_dir = Path(out) if out else default_out(model)
             torch_dtype = resolve_dtype(dtype, ctx.device)
             settings = EvalSettings(model=str(Path(model).resolve()), test_json=str(evalset.test_path.resolve()),
                                     question=question, max_tiles=max_tiles, dtype=short_dtype_name(torch_dtype))
