@@ -367,10 +367,12 @@ STOPPED = re.compile(r"captune: interrupted: stopped at step (\d+); the last che
                      r"run the same command again to resume")
 
 
-def ctrl_c(cmd: list[str], cwd: Path, out: Path, at: int, env: dict | None = None) -> tuple[int, str]:
+def ctrl_c(cmd: list[str], cwd: Path, out: Path, at: int, env: dict | None = None,
+           sig: int = signal.SIGINT) -> tuple[int, str]:
     """Run `cmd` as a terminal runs a foreground job (a process group of its own, Ctrl-C not ignored), and once
     OUT/checkpoint-`at` exists, send SIGINT to the whole group, as Ctrl-C does: the command, its DataLoader workers
-    (and under torchrun the launcher and every process). Returns the exit status and stderr; fails on a hang."""
+    (and under torchrun the launcher and every process); or `sig` (SIGTERM: as Slurm signals a job's processes at its
+    time limit). Returns the exit status and stderr; fails on a hang."""
     log = cwd / "stderr.txt"
     # A shell's background jobs ignore SIGINT, and so would the command: it starts with the default action.
     unignored = [sys.executable, "-c", ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
@@ -384,7 +386,7 @@ def ctrl_c(cmd: list[str], cwd: Path, out: Path, at: int, env: dict | None = Non
                 assert proc.poll() is None, f"ended before checkpoint {at}:\n{log.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, "no checkpoint after 300 s"
                 time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, sig)
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running 90 s after Ctrl-C (a hang?):\n{log.read_text()[-3000:]}")
@@ -401,23 +403,26 @@ def said(stderr: str) -> list[str]:
 
 
 def resumes(args: list[str], out: Path, stopped: str) -> None:
-    """The stop's message names the newest checkpoint, and the run goes on from it (two steps more)."""
+    """The stop's message names the newest checkpoint, the step it stopped at (saved then, nothing trained is lost),
+    and the run goes on from it (two steps more)."""
     step, checkpoint, kept = STOPPED.fullmatch(stopped).groups()
     assert Path(checkpoint) == out / f"checkpoint-{int(kept):06d}" == latest_checkpoint(out)
-    assert int(step) - 2 <= int(kept) <= int(step) and hidden_folders(out) == []
+    assert int(kept) == int(step) and hidden_folders(out) == []
     assert main([*args, "--max-steps", str(int(kept) + 2), "--out", str(out)]) == 0
     assert f"resumed from {checkpoint} at step {kept}" in (out / "train.log").read_text()
     assert latest_checkpoint(out) == out / f"checkpoint-{int(kept) + 2:06d}"
 
 
-def test_ctrl_c_stops_training_in_one_line_and_the_rerun_resumes(tiny_run, tmp_path):
-    """Ctrl-C to `captune train` and its DataLoader workers: no traceback (the workers leave SIGINT to the main
-    process), one line saying where it stopped and what to do, exit status 130; then the run resumes."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_training_in_one_line_and_the_rerun_resumes(tiny_run, tmp_path, sig):
+    """Ctrl-C (or SIGTERM) to `captune train` and its DataLoader workers: no traceback (the workers leave the signal to
+    the main process), the step it stopped at saved, one line saying so and what to do, exit status 130; then the run
+    resumes."""
     args, _ = tiny_run
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "captune", *args, "--max-steps", "100000", "--save-every", "2", "--num-workers", "2",
+    cmd = [sys.executable, "-m", "captune", *args, "--max-steps", "100000", "--save-every", "3", "--num-workers", "2",
            "--out", str(out)]
-    code, stderr = ctrl_c(cmd, tmp_path, out, at=4)
+    code, stderr = ctrl_c(cmd, tmp_path, out, at=3, sig=sig)
     lines = said(stderr)
     assert code == 130 and len(lines) == 1 and STOPPED.fullmatch(lines[0]), stderr[-3000:]
     resumes(args, out, lines[0])

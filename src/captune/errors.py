@@ -25,8 +25,11 @@ class Interrupted(Exception):
 
 
 def ignore_interrupts_in_worker(worker_id: int = 0) -> None:
-    """A DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group, and only the main process should
-    act on it (a worker's KeyboardInterrupt would print its own traceback)."""
+    """A DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group, as a Slurm job's SIGTERM reaches all of
+    its processes, and only the main process should act on them (a worker's KeyboardInterrupt would print its own
+    traceback; a worker killed mid-step would fail the step the main process is finishing). The main process stops
+    the workers, which also end when it does (the DataLoader's watchdog)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import gc
 import math
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +29,7 @@ from captune.train import config as cfg
 from captune.train import start
 from captune.train.collate import Collate, TrainBatch
 from captune.train.dataset import CaptionDataset, iter_batches, load_training_data
+from captune.train.interrupts import Interrupts
 from captune.train.loss import (
     CaptionLoss,
     compile_model,
@@ -79,55 +78,11 @@ def _apply_hyperparameters(optimizer, scheduler, config: cfg.TrainConfig) -> Non
         group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR computes it: bit for bit when unchanged
 
 
-class _Interrupts:
-    """Ctrl-C. While starting, SIGINT raises KeyboardInterrupt, as Python's own handler does. While training
-    (`stop_at_step_end`) the first one only asks for a stop: every process finishes its step, and they all stop at the
-    same step's end (`requested` goes into the step's all-reduce), so none is left waiting in a collective, and none is
-    interrupted while it holds a lock (a log writer's, a checkpoint's rename) it would then wait for. Another SIGINT
-    within a few seconds is the same Ctrl-C passed on (torchrun forwards the terminal's to its workers, which have it
-    already) and is ignored; a later one raises KeyboardInterrupt at once."""
-
-    REPEAT_S = 5.0
-
-    def __init__(self):
-        self.at: float | None = None
-        self.previous = None
-        self.stop_at_step_end = False
-
-    def __enter__(self) -> Self:
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def _handle(self, signum, frame) -> None:
-        now = time.monotonic()
-        if self.at is not None and now - self.at < self.REPEAT_S:
-            return
-        first, self.at = self.at is None, now
-        if not (first and self.stop_at_step_end):
-            raise KeyboardInterrupt
-
-    @property
-    def requested(self) -> bool:
-        return self.at is not None
-
-    def stop(self) -> None:
-        """Stop now, at a step's end (this process, or another, was asked to)."""
-        self.at = self.at or time.monotonic()  # a SIGINT that reaches this process only now is the same Ctrl-C
-        self.stop_at_step_end = False
-        raise KeyboardInterrupt
-
-
 @dataclass
 class _Run:
     """How far a run got: what `train` needs to undo a failed start and to say where an interrupted run stopped."""
 
-    interrupts: _Interrupts
+    interrupts: Interrupts
     start: start.Start | None = None
     log: RunLog | None = None
     batches: Any = None  # the DataLoader's iterator: dropped on the way out, which stops its workers
@@ -152,7 +107,7 @@ def train(config: cfg.TrainConfig) -> Path:
     Every input is checked before anything is written (`start.check`); a start that fails leaves nothing behind.
     Ctrl-C stops it with `Interrupted`, saying where it stopped and what was kept."""
     ctx = distributed.init(config.device)
-    run, finished = _Run(_Interrupts()), False
+    run, finished = _Run(Interrupts()), False
     with run.interrupts:
         try:
             final = _train(config, ctx, run)
@@ -289,7 +244,10 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
                                    run.interrupts.requested], dtype=torch.float64, device=ctx.device)
             if ctx.distributed:
                 dist.all_reduce(counts)
-            if counts[5].item():  # Ctrl-C, here or in another process: all stop here, at the end of step `step`
+            if counts[5].item():  # Ctrl-C or SIGTERM, here or in another process: all stop here, at step `step`'s end
+                if step > (run.checkpoint[0] if run.checkpoint else 0):  # keep what was trained since the last save
+                    save_checkpoint(out, step, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
+                    run.checkpoint = (step, out / checkpoint_name(step))
                 run.interrupts.stop()
             skipped_total += int(counts[3].item())
             if counts[4].item():
