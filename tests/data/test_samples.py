@@ -448,6 +448,11 @@ def test_data_check_command(coco: Path, capsys):
     assert "2 samples OK" in out
 
 
+def test_an_image_root_that_is_not_there_is_one_error(coco: Path, tmp_path):
+    with pytest.raises(CaptuneError, match=r"nowhere: the image folder \(--image-root\): no such folder"):
+        data_check_command(coco, image_root=tmp_path / "nowhere", num_workers=0)
+
+
 def test_data_check_measures_lengths_with_the_models_geometry(tmp_path, capsys):
     """The shipped demo model tiles 112 px images into 16 tokens a tile: its samples fit 512 tokens, which 448 px
     tiles of 256 tokens (an assumption that once stood in for every model) would not."""

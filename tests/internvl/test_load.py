@@ -178,9 +178,12 @@ def test_dtype_keeps_rotary_frequencies_in_float32(fixtures):
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-def test_not_a_checkpoint(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    with pytest.raises(CaptuneError, match="not an InternVL checkpoint"):
+@pytest.mark.parametrize("config,names", [({"architectures": ["BertModel"]}, "architectures BertModel"),
+                                          ({"model_type": "bert"}, "model_type 'bert'"),
+                                          ({}, "neither architectures nor model_type")])
+def test_not_a_checkpoint(tmp_path, config, names):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CaptuneError, match=f"not an InternVL checkpoint: config.json names {names}, expected"):
         captune.load(tmp_path)
 
 

@@ -215,5 +215,5 @@ def test_refusals(tmp_path, capsys):
         P.plan(tmp_path)
     with pytest.raises(CaptuneError, match="--gpus must be at least 1"):
         P.plan(RELEASES / "InternVL2-2B", gpus=0)
-    with pytest.raises(CaptuneError, match="unknown recipe"):
+    with pytest.raises(CaptuneError, match="unknown recipe 'no_such_recipe'; shipped recipes: demo_lora, "):
         P.plan(RELEASES / "InternVL2-2B", recipe="no_such_recipe")

@@ -76,6 +76,8 @@ def read_training_data(data: str | Path, image_root: str | Path | None = None) -
     root = Path(image_root) if image_root is not None else None
     if not path.exists():
         raise CaptuneError("no such file or folder", path)
+    if root is not None and not root.is_dir():
+        raise CaptuneError("the image folder (--image-root): no such folder", root)
     if path.is_dir():
         path, root = _find_in_folder(path, root)
     report = DataReport([], Problems())

@@ -53,9 +53,11 @@ def detect_layout(config: dict, config_path: Path) -> Layout:
         return "internvl"
     if NATIVE_ARCHITECTURE in architectures or config.get("model_type") == "internvl":
         return "hf"
-    found = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
+    model_type = config.get("model_type")
+    found = (f"architectures {', '.join(architectures)}" if architectures else
+             f"model_type {model_type!r}" if model_type else "neither architectures nor model_type")
     raise CaptuneError(
-        f"not an InternVL checkpoint: architectures is {found}, expected {ORIGINAL_ARCHITECTURE} "
+        f"not an InternVL checkpoint: config.json names {found}, expected {ORIGINAL_ARCHITECTURE} "
         f"(an original InternVL2 release) or {NATIVE_ARCHITECTURE} (transformers' native layout)",
         config_path,
     )

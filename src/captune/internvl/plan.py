@@ -232,11 +232,11 @@ def recipe_settings(recipe: str) -> RecipeSettings:
     """A shipped recipe by name (captune/train/recipes/NAME.yaml, read as data) or a YAML file."""
     import yaml
 
-    path = Path(recipe)
-    if path.suffix not in (".yaml", ".yml"):
-        path = Path(__file__).resolve().parents[1] / "train" / "recipes" / f"{recipe}.yaml"
+    path, shipped = Path(recipe), Path(__file__).resolve().parents[1] / "train" / "recipes"
+    path = path if path.suffix in (".yaml", ".yml") else shipped / f"{recipe}.yaml"
     if not path.is_file():
-        raise CaptuneError(f"unknown recipe {recipe!r}")
+        names = ", ".join(sorted(p.stem for p in shipped.glob("*.yaml")))
+        raise CaptuneError(f"unknown recipe {recipe!r}; shipped recipes: {names}")
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     known = {f.name for f in fields(RecipeSettings)} - {"name"}
     return replace(RecipeSettings(name=recipe), **{k: v for k, v in values.items() if k in known})
