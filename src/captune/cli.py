@@ -282,8 +282,8 @@ def merge(adapter: str, out: str, format: Literal["hf", "internvl", "both"] = "h
         dtype: dtype of the merged weights
         force: replace a non-empty OUT
         base: the base model (default: the one recorded in the adapter)
-        verify: check the merged logits against base + adapter (--no-verify for 26B and up: it holds the model in
-            float32)
+        verify: check the merged logits against base + adapter (a model whose float32 copy does not fit the device
+            is checked depth-reduced, every weight still compared)
         device: where the checks run: cuda, cpu or auto
     """
     from captune.merge.merge import merge_command

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.forbid import forbid
 
 from captune.cli import main
@@ -61,7 +60,7 @@ REFUSALS = [
     ("GPUs in use", "InternVL2-40B", dict(count=2, free=[30.0, 30.0]), [],
      "InternVL2-40B needs 5 GPUs of 80 GB (22 GB usable now) per model at batch 8 (75 GB of weights in bfloat16); "
      "2 GPUs are visible"),
-    ("K not dividing the GPUs", "InternVL2-Llama3-76B", dict(count=8), ["--gpus-per-model", "3"],
+    ("K not dividing the GPUs", "InternVL2-Llama3-76B", dict(count=8, procs=2), ["--gpus-per-model", "3"],
      "--gpus-per-model 3 does not divide the GPUs: 8 GPUs are visible, so 2 would hold no model; use one of 1, 2, 4, "
      "8 (or CUDA_VISIBLE_DEVICES)"),
     ("more GPUs than layers", "InternVL2-1B", dict(count=32), ["--gpus-per-model", "32"],
@@ -128,6 +127,7 @@ def ids(gpus: L.ModelGPUs) -> list[int]:
     ("InternVL2-40B", dict(count=8, procs=4, rank=3), {}, [6, 7], 32),  # torchrun: rank r takes 2r, 2r+1
     ("InternVL2-40B", dict(count=8), {"device": "cuda:4"}, [4, 5], 32),
     ("InternVL2-8B", dict(count=8), {"gpus_per_model": 4}, [0, 1, 2, 3], 64),  # asked for, though one would do
+    ("InternVL2-Llama3-76B", dict(count=8), {"gpus_per_model": 3}, [0, 1, 2], 32),  # one process: not refused
     ("InternVL2-8B", dict(count=8, procs=2, rank=1), {"gpus_per_model": "4"}, [4, 5, 6, 7], 64),
 ])
 def test_gpus_and_batch_chosen(model, gpus, kwargs, expected_ids, batch, monkeypatch):

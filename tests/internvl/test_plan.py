@@ -217,3 +217,18 @@ def test_refusals(tmp_path, capsys):
         P.plan(RELEASES / "InternVL2-2B", gpus=0)
     with pytest.raises(CaptuneError, match="unknown recipe 'no_such_recipe'; shipped recipes: demo_lora, "):
         P.plan(RELEASES / "InternVL2-2B", recipe="no_such_recipe")
+
+
+@pytest.mark.parametrize("name,gpus,gpu_memory,note", [
+    ("InternVL2-2B", 1, 40.0, "the recipe's token budget 16,384 does not fit: --token-budget 8192"),
+    ("InternVL2-40B", 8, 80.0, "faster, and it fits: --no-gradient-checkpointing (62 GB, "),
+    ("InternVL2-Llama3-76B", 4, 192.0, "faster, and it fits: --no-fsdp (161 GB, "),
+])
+def test_training_is_planned_as_captune_train_runs_the_recipe(name, gpus, gpu_memory, note, capsys):
+    """The recipe's strategy and checkpointing (what `captune train` does), and the flags that give what the plan would
+    rather do, or what the recipe needs to fit."""
+    settings = P.recipe_settings(f"internvl2_{P.release_size(P.parameter_counts(shape(name))['total'])}_coco_lora")
+    t = run(name, capsys, gpus=gpus, gpu_memory=gpu_memory)["train"]
+    assert t["gradient_checkpointing"] == settings.gradient_checkpointing
+    assert t["strategy"] == ("one GPU" if gpus == 1 else "FSDP2" if settings.fsdp else "DDP")
+    assert note in t["note"]

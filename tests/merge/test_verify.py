@@ -4,6 +4,7 @@ releases in 3 shards, the free memory faked."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -158,3 +159,44 @@ def test_the_releases_checked_whole_are_those_whose_float32_copy_fits(free_gb, w
     layers = {p.name: check_depth(read_config(p), torch.device("cpu"))[0] for p in RELEASES.iterdir()}
     assert sorted(name for name, n in layers.items() if n is None) == whole
     assert all(n == 2 for name, n in layers.items() if name not in whole)
+
+
+def test_the_depth_reduced_model_reads_only_its_layers(release, monkeypatch):
+    import re
+
+    from captune.internvl import keys
+    from captune.merge.verify import load_model
+
+    base, _ = release
+    read, real = [], keys.iter_shard
+
+    def spy(shard, wanted=None):
+        for key, tensor in real(shard, wanted):
+            read.append(key)
+            yield key, tensor
+
+    monkeypatch.setattr(keys, "iter_shard", spy)
+    model = load_model(base, IMAGE_TOKEN_ID, torch.device("cpu"), layers=2)
+    assert len(model.model.language_model.layers) == 2
+    llm = [k for k in read if k.startswith("language_model.model.layers.")]
+    assert {int(re.match(r"language_model\.model\.layers\.(\d+)\.", k)[1]) for k in llm} == {0, 1}
+
+
+def test_an_output_sharded_otherwise_is_refused_not_read_whole(tmp_path, monkeypatch):
+    """verify-merge of a folder whose shards do not follow the base's (written by another tool): one error once two
+    shards' worth of the base are held, not the whole base read into memory."""
+    config = internvl_config("qwen2", llm={"num_hidden_layers": LAYERS})
+    base = write_release(tmp_path / "base", config, init="noise", shards=6)
+    adapter = make_adapter(base, tmp_path / "adapter", image_token_id=IMAGE_TOKEN_ID, rank=8, b_scale=1.0, seed=0)
+    out = quiet_merge(adapter, tmp_path / "out", dtype="bf16", verify=False)
+    first, *_, last = sorted(out.glob("*.safetensors"))  # their tensors swapped: the output begins with the base's end
+    a, b = load_file(first), load_file(last)
+    save_file(b, first, metadata={"format": "pt"})
+    save_file(a, last, metadata={"format": "pt"})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    swap = {first.name: last.name, last.name: first.name}
+    index["weight_map"] = {k: swap.get(v, v) for k, v in index["weight_map"].items()}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    monkeypatch.setattr(depth, "free_bytes", lambda device: 2**20)
+    with pytest.raises(CaptuneError, match="its shards do not follow the base's"):
+        verify_merge(adapter, out)

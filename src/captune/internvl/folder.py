@@ -6,7 +6,7 @@ is never held twice in memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,21 +112,23 @@ def shard_keys(shard: Path) -> list[str]:
     return list(_torch_load(shard).keys())
 
 
-def iter_shard(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, in the order stored."""
+def iter_shard(shard: Path, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, in the order stored; with `wanted`, only the names it accepts (the others
+    are not read, from a safetensors shard)."""
     if shard.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(shard, framework="pt") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    if wanted is None or wanted(key):
+                        yield key, f.get_tensor(key)
         except CaptuneError:
             raise
         except Exception as e:
             raise CaptuneError(f"cannot read safetensors shard: {e}", shard) from None
     else:
-        yield from _torch_load(shard).items()
+        yield from ((k, v) for k, v in _torch_load(shard).items() if wanted is None or wanted(k))
 
 
 def _torch_load(shard: Path) -> dict[str, torch.Tensor]:

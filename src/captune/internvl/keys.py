@@ -23,6 +23,7 @@ from captune.internvl.config import llm_family
 from captune.internvl.folder import (
     Checkpoint,
     iter_shard,
+    shard_keys,
 )
 
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -166,9 +167,11 @@ class KeyMap:
         raise KeyError(key)
 
 
-def iter_native_tensors(ckpt: Checkpoint, shard: Path, keymap: KeyMap) -> Iterator[tuple[str, torch.Tensor]]:
-    """The native (name, tensor) pairs of one original shard, converted one tensor at a time."""
-    for key, tensor in iter_shard(shard):
+def iter_native_tensors(ckpt: Checkpoint, shard: Path, keymap: KeyMap,
+                        wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The native (name, tensor) pairs of one original shard, converted one tensor at a time (`wanted`: of the
+    original names it accepts)."""
+    for key, tensor in iter_shard(shard, wanted):
         if IGNORED_KEYS.match(key):
             continue
         try:
@@ -193,14 +196,48 @@ def normalize_native_key(key: str) -> str:
     return key
 
 
-def iter_model_tensors(ckpt: Checkpoint, shard: Path, keymap: KeyMap | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The native (name, tensor) pairs of one shard, whatever the checkpoint's layout."""
+def iter_model_tensors(ckpt: Checkpoint, shard: Path, keymap: KeyMap | None,
+                       keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The native (name, tensor) pairs of one shard, whatever the checkpoint's layout; with `keep`, only those whose
+    native name it accepts, the others not even read (a fused tensor is read when one of its parts is kept)."""
     if ckpt.layout == "internvl":
-        yield from iter_native_tensors(ckpt, shard, keymap)
+        yield from ((k, t) for k, t in iter_native_tensors(ckpt, shard, keymap, _wanted(keymap, keep))
+                    if keep is None or keep(k))
         return
-    for key, tensor in iter_shard(shard):
+    wanted = None if keep is None else (lambda key: keep(normalize_native_key(key)))
+    for key, tensor in iter_shard(shard, wanted):
         if not IGNORED_KEYS.match(key):
             yield normalize_native_key(key), tensor
+
+
+def _wanted(keymap: KeyMap, keep: Callable[[str], bool] | None) -> Callable[[str], bool] | None:
+    """`keep` on the native names of an original key."""
+    if keep is None:
+        return None
+
+    def wanted(key: str) -> bool:
+        try:
+            return any(keep(name) for name in keymap.native_names(key))
+        except KeyError:
+            return True  # an unknown tensor: read, to be reported
+
+    return wanted
+
+
+def model_tensor_names(ckpt: Checkpoint, shard: Path, keymap: KeyMap | None) -> list[str]:
+    """The native names of one shard's tensors, read from its header alone."""
+    names = []
+    for key in shard_keys(shard):
+        if IGNORED_KEYS.match(key):
+            continue
+        if ckpt.layout != "internvl":
+            names.append(normalize_native_key(key))
+            continue
+        try:
+            names += keymap.native_names(key)
+        except KeyError:
+            raise CaptuneError(f"unexpected tensor {key!r}: not part of an InternVL2 model", shard) from None
+    return names
 
 
 def iter_original_tensors(shard: Path, keymap: KeyMap, pending: dict) -> Iterator[tuple[str, torch.Tensor]]:

@@ -215,9 +215,7 @@ def fill_weights(model: nn.Module, ckpt: Checkpoint, put, keep: Callable[[str], 
     tied = head.weight is net.get_input_embeddings().weight  # as the model itself was built, not as one flag says
     loaded: set[str] = set()
     for shard in ckpt.shards:
-        for key, tensor in iter_model_tensors(ckpt, shard, keymap):
-            if keep is not None and not keep(key):
-                continue
+        for key, tensor in iter_model_tensors(ckpt, shard, keymap, keep):  # the others not even read
             places = targets.get(key)
             if places is None:
                 if key == "lm_head.weight" and tied:

@@ -247,10 +247,10 @@ def assign_gpus(model: str | Path, gpus_per_model: int | str = "auto", device: s
     if asked is not None and procs * asked > visible:
         raise CaptuneError(f"--gpus-per-model {asked} for each of {procs} processes (torchrun --nproc-per-node "
                            f"{procs}) needs {procs * asked} GPUs; {where}: use --nproc-per-node {visible // asked}")
-    if asked is not None and visible % asked:
+    if asked is not None and procs > 1 and visible % asked:
         fit = ", ".join(str(k) for k in range(1, visible + 1) if visible % k == 0)
-        raise CaptuneError(f"--gpus-per-model {asked} does not divide the GPUs: {where}, so {visible % asked} would "
-                           f"hold no model; use one of {fit} (or CUDA_VISIBLE_DEVICES)")
+        raise CaptuneError(f"--gpus-per-model {asked} does not divide the GPUs: {where}, so {visible - procs * asked} "
+                           f"would hold no model; use one of {fit} (or CUDA_VISIBLE_DEVICES)")
     s = P.model_shape(P.read_config(model_folder(model)))
     torch_dtype = resolve_dtype(dtype, dev)
     width, floor = torch_dtype.itemsize, batch_size or min(MIN_BATCH, default_batch)

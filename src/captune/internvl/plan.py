@@ -12,8 +12,8 @@ H100/H200-class GPU (989 TFLOP/s dense bf16) and are estimates (within 20% of th
 
 from __future__ import annotations
 
-import math
 import json as jsonlib
+import math
 from collections import namedtuple
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -66,8 +66,8 @@ LORA_STATE_BYTES = 16  # float32 weight, gradient, AdamW m and v; DDP adds a flo
 # tokens/s, 26B 4.7 s and 40B 6.1 s per 7.2k-token step with checkpointing (25-30%).
 TRAIN_MFU = {True: 0.36, False: 0.28}
 # Wider layers use the GPU better: per doubling of the LLM's width over 2B's (2,048), 40% more, fitted to one LoRA step
-# of 8B, 26B, 40B and 76B (FSDP2, checkpointing; benchmarks/sizes.py, H200, 2026-12-02): all four within 4%. Narrower
-# models (1B) keep 2B's: not measured.
+# of 8B, 26B, 40B and 76B (eager, FSDP2, checkpointing; benchmarks/sizes.py, H200, 2026-12-02): all four within 4%.
+# Applied to the compiled efficiency as well, where it is not measured above 2B; narrower models (1B) keep 2B's.
 WIDTH_GAIN, BASE_WIDTH = 0.40, 2048
 # By images per micro-batch: 4 (8,192-token rows) 7-9% slower than 8 (16,384) for 2B; fewer: extrapolated.
 IMAGES_EFFICIENCY = {8: 1.0, 4: 0.92, 2: 0.85, 1: 0.75}
@@ -322,18 +322,18 @@ def choose_train(s: Shape, settings: RecipeSettings, gpus: int, usable: float) -
                 if fits and (strategy, checkpointing) == recipe and (
                         as_recipe is None or rate > as_recipe["tokens_per_s"]):
                     as_recipe = option
-    note = None if step_images >= gpus else (
+    notes = [] if step_images >= gpus else [
         f"the recipe's global batch {settings.global_batch_size} captions is ~{step_images} images per step, fewer "
-        f"than {gpus} processes: raise --global-batch-size to {5 * gpus} or more")
-    other = None
+        f"than {gpus} processes: raise --global-batch-size to {5 * gpus} or more"]
+    if as_recipe and as_recipe["token_budget"] != settings.token_budget:
+        notes.append(f"the recipe's token budget {settings.token_budget:,} does not fit: {_setting(as_recipe, settings)}")
     if as_recipe and best["tokens_per_s"] > 1.05 * as_recipe["tokens_per_s"]:
-        other = (f"faster, and it fits: {_setting(best, settings)} ({best['memory_gb']['total']:.0f} GB, "
-                 f"{best['tokens_per_s'] / as_recipe['tokens_per_s'] - 1:.0%} faster)")
+        notes.append(f"faster, and it fits: {_setting(best, settings)} ({best['memory_gb']['total']:.0f} GB, "
+                     f"{best['tokens_per_s'] / as_recipe['tokens_per_s'] - 1:.0%} faster)")
     elif best and not as_recipe:
-        other = (f"the recipe's {recipe[0]}, checkpointing {'on' if recipe[1] else 'off'} does not fit: "
-                 f"{_setting(best, settings)}")
-    note = "; ".join(filter(None, [note, other])) or None
-    best = as_recipe or best
+        notes.append(f"the recipe's {recipe[0]}, checkpointing {'on' if recipe[1] else 'off'} does not fit: "
+                     f"{_setting(best, settings)}")
+    note, best = "; ".join(notes) or None, as_recipe or best
     if best:
         return {"fits": True, **best, "hours_per_epoch": COCO_IMAGES * group / best["tokens_per_s"] / 3600, "note": note}
     need = next((n for n in range(max(2, gpus + 1), 1025)
@@ -345,7 +345,8 @@ def choose_train(s: Shape, settings: RecipeSettings, gpus: int, usable: float) -
 
 def _setting(option: dict, settings: RecipeSettings) -> str:
     """The options of `captune train` that give `option` over the recipe's."""
-    flags = [] if option["strategy"] != "FSDP2" or settings.fsdp else ["--fsdp"]
+    flags = [] if (option["strategy"] == "FSDP2") == settings.fsdp else [
+        "--fsdp" if option["strategy"] == "FSDP2" else "--no-fsdp"]
     if option["gradient_checkpointing"] != settings.gradient_checkpointing:
         flags.append("--gradient-checkpointing" if option["gradient_checkpointing"] else "--no-gradient-checkpointing")
     if option["token_budget"] != settings.token_budget:

@@ -52,14 +52,12 @@ from captune.internvl.convert import (
 )
 from captune.internvl.folder import (
     Checkpoint,
-    shard_keys,
     shard_metadata,
 )
 from captune.internvl.keys import (
-    IGNORED_KEYS,
     KeyMap,
     iter_model_tensors,
-    normalize_native_key,
+    model_tensor_names,
     original_from_native,
 )
 from captune.merge.adapter import (
@@ -84,19 +82,7 @@ FORMATS = ("hf", "internvl", "both")
 
 def base_native_keys(ckpt: Checkpoint, keymap: KeyMap) -> set[str]:
     """The native names of every base weight, read from the shard headers only."""
-    names: set[str] = set()
-    for shard in ckpt.shards:
-        for key in shard_keys(shard):
-            if IGNORED_KEYS.match(key):
-                continue
-            if ckpt.layout == "hf":
-                names.add(normalize_native_key(key))
-                continue
-            try:
-                names.update(keymap.native_names(key))
-            except KeyError:
-                raise CaptuneError(f"unexpected tensor {key!r}: not part of an InternVL2 model", shard) from None
-    return names
+    return {name for shard in ckpt.shards for name in model_tensor_names(ckpt, shard, keymap)}
 
 
 def check_fits(adapter: Adapter, ckpt: Checkpoint, keymap: KeyMap) -> None:

@@ -162,7 +162,7 @@ def rounding_noise(weight: torch.Tensor, dtype: torch.dtype, generator: torch.Ge
 
     Simulated rather than done: a bf16 release's weights are bf16 numbers already, and rounding them changes nothing.
     An error of `weight`'s own dtype (float32 on float32) is below what the weight can hold, so added to it, it would
-    vanish: there it is one whole step up or down with probability 1/12, as large on average (the same variance).
+    vanish: there it is one whole step up or down with probability 1/12, which has the same variance.
     """
     uniform = torch.rand(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
     step = dtype_step(weight, dtype)

@@ -11,7 +11,7 @@ import torch
 from captune.devices import dtype_name
 from captune.errors import CaptuneError
 from captune.internvl.folder import Checkpoint, open_checkpoint
-from captune.internvl.keys import KeyMap, iter_model_tensors
+from captune.internvl.keys import KeyMap, iter_model_tensors, model_tensor_names
 from captune.merge.adapter import Adapter, original_config
 
 CHECK_DTYPE = torch.float32
@@ -88,26 +88,31 @@ def compare_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, fm
 def compare_streamed(ckpt: Checkpoint, adapter: Adapter, folder: Path, dtype: torch.dtype, fmt: str,
                      suffix: str = "", where: Path | None = None) -> int:
     """`compare_weights` without a model: the output's tensors, shard by shard, against the base's merged with
-    `adapter` in float32 (`Adapter.merged`, as `merge_in_memory` computes them) and rounded to `dtype`. Memory: the
-    tensors of about one shard of each."""
+    `adapter` in float32 (`Adapter.merged`, as `merge_in_memory` computes them) and rounded to `dtype`. The output must
+    keep the base's sharding, as `captune merge` writes it: memory is then about one shard of each."""
     where = where or folder
     base_keymap = KeyMap(original_config(ckpt))
+    names = [model_tensor_names(ckpt, shard, base_keymap) for shard in ckpt.shards]  # from the headers alone
+    known, ahead = {name for shard in names for name in shard}, 2 * max(map(len, names))
     base = ((key, tensor) for shard in ckpt.shards for key, tensor in iter_model_tensors(ckpt, shard, base_keymap))
     out = open_checkpoint(folder)
     out_keymap = KeyMap(out.config) if out.layout == "internvl" else None
-    check, expected = WeightCheck(dtype), {}
+    check, expected, seen = WeightCheck(dtype), {}, set()
     try:
         for shard in out.shards:
             for key, tensor in iter_model_tensors(out, shard, out_keymap):
+                if key not in known or key in seen:
+                    raise CaptuneError(f"it has {key!r} " + ("twice" if key in seen else "which the base has not"))
                 while key not in expected:  # the base's tensors up to this one (the shards come in the same order)
-                    nxt = next(base, None)
-                    if nxt is None:
-                        raise CaptuneError(f"it has {key!r}, which the base has not")
-                    name, value = nxt
+                    if len(expected) > ahead:
+                        raise CaptuneError("its shards do not follow the base's, as captune merge writes them: check "
+                                           "it on a device that holds the model in float32 (--device)")
+                    name, value = next(base)
                     merged = adapter.merged(name, value, CHECK_DTYPE) if value.is_floating_point() else value
                     expected[name] = merged.to(dtype) if merged.is_floating_point() else merged
                 check.compare(key, expected.pop(key), tensor)
-        missing = sorted(expected) + [key for key, _ in base]
+                seen.add(key)
+        missing = sorted(known - seen)
         if missing:
             raise CaptuneError(f"it lacks {some(missing)}")
     except CaptuneError as e:

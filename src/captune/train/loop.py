@@ -248,6 +248,7 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
                 if step > (run.checkpoint[0] if run.checkpoint else 0):  # keep what was trained since the last save
                     save_checkpoint(out, step, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
                     run.checkpoint = (step, out / checkpoint_name(step))
+                    distributed.barrier(ctx)  # none stops (and makes torchrun or srun end the rest) mid-write
                 run.interrupts.stop()
             skipped_total += int(counts[3].item())
             if counts[4].item():
