@@ -228,3 +228,19 @@ def test_truncated_shard(tmp_path, fixtures):
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CaptuneError, match="model.safetensors"):
         captune.load(path, image_token_id=1017)
+
+
+def test_wrapping_in_lora_prints_no_transformers_deprecation(tmp_path):
+    """PEFT reads `is_gradient_checkpointing`, which recent transformers deprecates with a FutureWarning: nothing a
+    captune user can act on, so captune silences that one message (in a fresh process: pytest resets filters)."""
+    import subprocess
+    import sys
+
+    from captune.demo.demo import base_model_path
+
+    code = ("import captune; from captune.internvl.lora import add_lora; "
+            f"m, _ = captune.load({str(base_model_path())!r}); "
+            "add_lora(m, rank=4, alpha=8, dropout=0.0, vision=False, train_projector=False)")
+    run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "is_gradient_checkpointing" not in run.stderr

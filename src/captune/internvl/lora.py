@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +22,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LLM_PREFIX = "model.language_model."
 VISION_PREFIX = "model.vision_tower."
 PROJECTOR = "model.multi_modal_projector"
+
+# PEFT reads `model.is_gradient_checkpointing` whenever it wraps a model, which recent transformers deprecates with a
+# FutureWarning on every adapter captune trains, loads or checks: nothing its user can act on.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def linear_layer_names(model: nn.Module, prefix: str) -> list[str]:
