@@ -226,6 +226,18 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
     bar = tqdm(total=schedule.total_steps, initial=start_step, desc="training", unit="step",
                disable=not ctx.is_main, dynamic_ncols=True)
     skipped_total, stand_in = 0, None
+
+    def save(at: int) -> None:
+        """The checkpoint of step `at`, recorded in `run` (for the message of a stop) once it is complete."""
+        saved = out / checkpoint_name(at)
+        try:
+            save_checkpoint(out, at, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
+        except BaseException:
+            if saved.is_dir():  # complete once renamed: stopped while pruning the older ones
+                run.checkpoint = (at, saved)
+            raise
+        run.checkpoint = (at, saved)
+
     run.interrupts.stop_at_step_end = True
     try:
         for step in range(start_step, schedule.total_steps):
@@ -246,8 +258,7 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
                 dist.all_reduce(counts)
             if counts[5].item():  # Ctrl-C or SIGTERM, here or in another process: all stop here, at step `step`'s end
                 if step > (run.checkpoint[0] if run.checkpoint else 0):  # keep what was trained since the last save
-                    save_checkpoint(out, step, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
-                    run.checkpoint = (step, out / checkpoint_name(step))
+                    save(step)
                     distributed.barrier(ctx)  # none stops (and makes torchrun or srun end the rest) mid-write
                 run.interrupts.stop()
             skipped_total += int(counts[3].item())
@@ -295,14 +306,7 @@ def _train(config: cfg.TrainConfig, ctx: distributed.Context, run: _Run) -> Path
                 best = _evaluate_during_training(done, loss_module, wrapped, optimizer, scheduler, processor, ctx,
                                                  config, log, best)
             if done % config.save_every == 0 or done == schedule.total_steps:
-                saved = out / checkpoint_name(done)
-                try:
-                    save_checkpoint(out, done, loss_module, wrapped, optimizer, scheduler, ctx, config, {"best": best})
-                except BaseException:
-                    if saved.is_dir():  # complete once renamed: stopped while pruning the older ones
-                        run.checkpoint = (done, saved)
-                    raise
-                run.checkpoint = (done, saved)
+                save(done)
     finally:
         run.interrupts.stop_at_step_end = False
         bar.close()  # a message that follows (an interrupt) starts on a line of its own
