@@ -47,12 +47,18 @@ def tree_memory(pid: int) -> dict[str, float]:
     return {"pss_gb": pss / 2**20, "uss_gb": uss / 2**20, "main_pss_gb": main / 2**20, "processes": len(pids)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of a training data path at the tutorial's scale (also `train_memory.py`'s)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("data")
     parser.add_argument("--model", required=True)
     parser.add_argument("--recipe", default="internvl2_2b_coco_lora")
     parser.add_argument("--num-workers", type=int, default=4)
+    return parser
+
+
+def main() -> None:
+    parser = run_arguments(__doc__.splitlines()[0])
     parser.add_argument("--tile-size", type=int, default=None,
                         help="tiles of this many pixels instead of the model's (32: the same data path with little "
                              "pixel traffic, for a whole epoch on a small CPU machine)")

@@ -12,7 +12,6 @@ With the demo model (src/captune/demo/assets/demo_base) the model costs nothing 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_memory import tree_memory
+from data_memory import run_arguments, tree_memory
 
 
 def last_step(log: Path) -> int:
@@ -35,11 +34,7 @@ def last_step(log: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--recipe", default="internvl2_2b_coco_lora")
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser = run_arguments(__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/train_memory")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)

@@ -34,3 +34,32 @@ def make_adapter(base: Path, folder: Path, image_token_id: int | None = None, rs
     config.use_rslora = rslora
     peft.save_pretrained(str(folder))
     return folder
+
+
+def plant_wrong_merge(monkeypatch, error: str, skipped: str, swapped: tuple[str, str]) -> None:
+    """A wrong merge: a wrong scale ("wrong_scale": the arithmetic, in every layer), the LoRA delta of weight `skipped`
+    left out ("skipped_delta": the writer), or the two weights `swapped` exchanged on the way to the internvl layout
+    ("swapped_k_v": a wrong q/k/v fusion)."""
+    import copy
+
+    import captune.merge.merge as m
+
+    if error == "wrong_scale":
+        monkeypatch.setattr(m.Adapter, "scale", lambda self, a: 1.5)  # alpha / r is 2
+    elif error == "skipped_delta":
+        real_shard = m.merged_shard
+
+        def skipping(ckpt, shard, keymap, adapter, dtype):
+            adapter = copy.copy(adapter)
+            adapter.lora = {k: v for k, v in adapter.lora.items() if k != skipped}
+            return real_shard(ckpt, shard, keymap, adapter, dtype)
+
+        monkeypatch.setattr(m, "merged_shard", skipping)
+    else:
+        real_fuse = m.original_from_native
+        rename = {swapped[0]: swapped[1], swapped[1]: swapped[0]}
+
+        def swapping(pairs, keymap, pending, source):
+            return real_fuse(((rename.get(k, k), t) for k, t in pairs), keymap, pending, source)
+
+        monkeypatch.setattr(m, "original_from_native", swapping)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.adapters import make_adapter
+from helpers.adapters import make_adapter, plant_wrong_merge
 from helpers.tiny import (
     IMAGE_TOKEN_ID,
     all_tensors,
@@ -279,34 +279,6 @@ SWAPPED = ("model.language_model.layers.0.self_attn.k_proj.weight",
            "model.language_model.layers.0.self_attn.v_proj.weight")
 
 
-def plant(monkeypatch, error: str) -> None:
-    """A wrong merge: a wrong scale (the arithmetic), a LoRA delta left out of one weight (the writer), or k and v
-    swapped when fusing InternLM2's wqkv (the internvl layout)."""
-    import copy
-
-    import captune.merge.merge as m
-
-    if error == "wrong_scale":
-        monkeypatch.setattr(m.Adapter, "scale", lambda self, a: 1.5)  # alpha / r is 2
-    elif error == "skipped_delta":
-        real_shard = m.merged_shard
-
-        def skipping(ckpt, shard, keymap, adapter, dtype):
-            adapter = copy.copy(adapter)
-            adapter.lora = {k: v for k, v in adapter.lora.items() if k != SKIPPED}
-            return real_shard(ckpt, shard, keymap, adapter, dtype)
-
-        monkeypatch.setattr(m, "merged_shard", skipping)
-    else:
-        real_fuse = m.original_from_native
-        rename = {SWAPPED[0]: SWAPPED[1], SWAPPED[1]: SWAPPED[0]}
-
-        def swapping(pairs, keymap, pending, source):
-            return real_fuse(((rename.get(k, k), t) for k, t in pairs), keymap, pending, source)
-
-        monkeypatch.setattr(m, "original_from_native", swapping)
-
-
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("error,format,message", [
     pytest.param("wrong_scale", "hf", "the merge differs from the adapter: relative error of the float32-merged logits",
@@ -317,7 +289,7 @@ def plant(monkeypatch, error: str) -> None:
                  r"\(internvl\) is not the float32 merge.* 2 of 67 weights differ .*k_proj.*v_proj", id="swapped_k_v"),
 ])
 def test_a_wrong_merge_is_refused_in_bf16_as_in_fp32(large, tmp_path, monkeypatch, error, format, message, dtype):
-    plant(monkeypatch, error)
+    plant_wrong_merge(monkeypatch, error, SKIPPED, SWAPPED)
     with pytest.raises(CaptuneError, match=message + ".*nothing was written"):
         merge(large, tmp_path / "out", format=format, dtype=dtype)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

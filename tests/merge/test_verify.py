@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.adapters import make_adapter
+from helpers.adapters import make_adapter, plant_wrong_merge
 from helpers.forbid import forbid
 from helpers.tiny import IMAGE_TOKEN_ID
 from safetensors.torch import load_file, save_file
 
-import captune.merge.merge as m
 from captune.demo.tinymodel import internvl_config, write_release
 from captune.errors import CaptuneError
 from captune.internvl import load
-from captune.internvl.keys import iter_model_tensors
 from captune.internvl.plan import read_config
 from captune.merge import depth
 from captune.merge.depth import check_depth
@@ -91,41 +89,16 @@ def test_a_model_larger_than_memory_is_checked_depth_reduced(release, little_mem
                 "and its vision tower, projector and first 2 LLM layers load as that model") in text
 
 
-def plant(monkeypatch, error: str) -> None:
-    """A wrong merge: a wrong scale (the arithmetic, in every layer), a delta left out of layer 4 (the writer), or
-    layer 3's k and v swapped on the way to the internvl layout."""
-    if error == "wrong_scale":
-        monkeypatch.setattr(m.Adapter, "scale", lambda self, a: 1.5)  # alpha / r is 2
-    elif error == "skipped_deep_delta":
-        real = m.merged_shard
-
-        def skipping(ckpt, shard, keymap, adapter, dtype):
-            merged = real(ckpt, shard, keymap, adapter, dtype)
-            if DEEP in merged:  # the base's weight, as if its delta were left out
-                merged[DEEP] = dict(iter_model_tensors(ckpt, shard, keymap))[DEEP].to(dtype)
-            return merged
-
-        monkeypatch.setattr(m, "merged_shard", skipping)
-    else:
-        real_fuse = m.original_from_native
-        rename = {DEEP_KV[0]: DEEP_KV[1], DEEP_KV[1]: DEEP_KV[0]}
-
-        def swapping(pairs, keymap, pending, source):
-            return real_fuse(((rename.get(k, k), t) for k, t in pairs), keymap, pending, source)
-
-        monkeypatch.setattr(m, "original_from_native", swapping)
-
-
 @pytest.mark.parametrize("error,format,message", [
     ("wrong_scale", "hf", "the merge differs from the adapter: relative error of the float32-merged logits"),
-    ("skipped_deep_delta", "hf", (r"\(hf\) is not the float32 merge rounded to bfloat16: 1 of \d+ weights differ "
-                                  rf".*{DEEP}")),
-    ("swapped_deep_k_v", "internvl", (r"\(internvl\) is not the float32 merge rounded to bfloat16: 2 of \d+ weights "
-                                      r"differ .*layers\.3\.self_attn\.k_proj.*v_proj")),
+    ("skipped_delta", "hf", (r"\(hf\) is not the float32 merge rounded to bfloat16: 1 of \d+ weights differ "
+                             rf".*{DEEP}")),
+    ("swapped_k_v", "internvl", (r"\(internvl\) is not the float32 merge rounded to bfloat16: 2 of \d+ weights "
+                                 r"differ .*layers\.3\.self_attn\.k_proj.*v_proj")),
 ])
 def test_a_wrong_merge_is_refused_depth_reduced(release, little_memory, tmp_path, monkeypatch, error, format, message):
     _, adapter = release
-    plant(monkeypatch, error)
+    plant_wrong_merge(monkeypatch, error, DEEP, DEEP_KV)
     with pytest.raises(CaptuneError, match=message + ".*nothing was written"):
         quiet_merge(adapter, tmp_path / "out", format=format, dtype="bf16")
     assert list(tmp_path.iterdir()) == []
